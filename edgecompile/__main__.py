@@ -1,0 +1,3 @@
+from edgecompile.cli import main
+
+main()

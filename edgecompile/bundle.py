@@ -1,0 +1,208 @@
+"""The bundle on disk: staging and atomic commit, graph files with shared weights, manifest, loading.
+
+Layout (all paths relative to the bundle root):
+    manifest.json            schema, versions, graphs, clusters, files + sha256
+    parity.json, parity.md   the parity gate's results
+    reference/               samples.txt and the PyTorch reference outputs (for `verify`)
+    tokenizer/               the student's tokenizer files
+    router_tokenizer/        only when the router encoder's tokenizer differs from the student's
+    <target>/                router.onnx, dense.onnx, cluster_<k>.onnx [, weights.bin]
+
+With shared weights, every tensor of at least SHARED_THRESHOLD bytes lives once in
+<target>/weights.bin (deduplicated by content: clusters share everything they did not rewrite)
+and each .onnx file references it as ONNX external data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from edgecompile.errors import BundleError, InputError
+
+SCHEMA_VERSION = "edgecompile-bundle/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.bin"
+SHARED_THRESHOLD = 1024
+ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped by onnxruntime
+
+
+class Staging:
+    """A temporary folder beside `out`, renamed into place only by `commit()`.
+
+    Any exception (including KeyboardInterrupt / SIGTERM turned into one) removes it, so `out`
+    is either untouched or complete. Only a SIGKILL can leave a hidden `.<out>.partial-*`
+    folder behind; `out` itself is never half-written.
+    """
+
+    def __init__(self, out: Path, force: bool) -> None:
+        self.out = Path(out)
+        self.force = force
+        check_out_dir(self.out, force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.root.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder
+        self.committed = False
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def commit(self) -> None:
+        check_out_dir(self.out, self.force)
+        old = None
+        if self.out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, old / "bundle")
+        os.replace(self.root, self.out)
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise InputError(f"{out}: already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a bundle folder; remove it first")
+    if out.exists() and force and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise InputError(f"{out}: exists and is not an edgecompile bundle (no {MANIFEST}); refusing to replace it")
+
+
+def write_graphs(directory: Path, graphs: list[tuple[str, ir.Model]], shared_weights: bool) -> dict[str, int]:
+    """Save graphs; with shared_weights, large tensors go once into `directory/weights.bin`.
+
+    Returns, per file, the bytes that graph needs: its .onnx plus the external tensors it reads
+    (what it would weigh shipped alone).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    needs: dict[str, int] = {}
+    if not shared_weights:
+        for filename, model in graphs:
+            ir.save(model, directory / filename)
+            needs[filename] = (directory / filename).stat().st_size
+        return needs
+    stored: dict[bytes, tuple[int, int]] = {}
+    by_identity: dict[int, bytes] = {}  # clones share tensor objects: hash each object once
+    with open(directory / WEIGHTS, "wb") as weights:
+        for filename, model in graphs:
+            external = 0
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None or tensor.nbytes < SHARED_THRESHOLD or isinstance(tensor, ir.ExternalTensor):
+                    continue
+                data = tensor.tobytes()
+                key = by_identity.get(id(tensor))
+                if key is None:
+                    key = hashlib.sha256(data).digest()
+                    by_identity[id(tensor)] = key
+                if key not in stored:
+                    offset = -weights.tell() % ALIGNMENT
+                    weights.write(b"\0" * offset)
+                    stored[key] = (weights.tell(), len(data))
+                    weights.write(data)
+                offset, length = stored[key]
+                external += length
+                value.const_value = ir.ExternalTensor(
+                    WEIGHTS, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=directory
+                )
+            ir.save(model, directory / filename)
+            needs[filename] = (directory / filename).stat().st_size + external
+    return needs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(root: Path) -> list[str]:
+    """Every file in the bundle except the manifest, as sorted posix paths."""
+    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return sorted(rel for rel in rels if rel != MANIFEST)
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file in the bundle except the manifest."""
+    return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in bundle_files(root)}
+
+
+def graph_signature(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    def describe(value: ir.Value) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else str(d) for d in (value.shape or [])]
+        dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
+        return {"name": value.name, "dtype": dtype, "shape": dims}
+
+    return {"inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    def target(self, name: str | None) -> dict[str, Any]:
+        targets = self.manifest["targets"]
+        if name is None:
+            name = next(iter(targets))
+        if name not in targets:
+            raise InputError(f"{self.root}: target '{name}' not in this bundle; it has: {', '.join(targets)}")
+        return targets[name]
+
+    def graph_path(self, target: str | None, graph: str) -> Path:
+        entry = self.target(target)
+        return self.root / entry["graphs"][graph]["file"]
+
+
+def load_bundle(path: Path) -> Bundle:
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{manifest_path}: not found; is {path} an edgecompile bundle?")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: unreadable ({exc})") from None
+    if manifest.get("schema") != SCHEMA_VERSION:
+        raise BundleError(f"{manifest_path}: schema: expected {SCHEMA_VERSION!r}, found {manifest.get('schema')!r}")
+    return Bundle(path, manifest)
+
+
+def check_hashes(bundle: Bundle) -> list[str]:
+    """Problems found comparing files on disk with the manifest (empty list: all good)."""
+    problems = []
+    recorded = bundle.manifest.get("files", {})
+    for rel, entry in recorded.items():
+        path = bundle.root / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif (found := sha256_file(path)) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 expected {entry['sha256'][:12]}…, found {found[:12]}…")
+    on_disk = set(bundle_files(bundle.root))
+    problems += [f"{rel}: not listed in the manifest" for rel in sorted(on_disk - set(recorded))]
+    return problems

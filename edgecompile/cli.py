@@ -1,0 +1,181 @@
+"""Command line: parse, call, print, exit. No compiler logic lives here.
+
+Exit codes: 0 ok; 1 internal error; 2 bad input or usage; 3 parity failed;
+4 missing dependency / environment; 5 bundle verification failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from edgecompile import __version__
+from edgecompile.errors import EdgecompileError, ParityError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXIT_INTERRUPTED = 130
+
+
+def _existing(path_type: str = "any"):
+    # Existence is checked by the loaders so messages keep one format; click only converts to Path.
+    return click.Path(path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgecompile")
+def cli() -> None:
+    """Compile compressed transformer students into verified ONNX bundles for edge devices.
+
+    \b
+    Typical use:
+      edgecompile build STUDENT_DIR --masks masks.safetensors --router-encoder ENCODER_DIR --out bundle/
+      edgecompile inspect bundle/
+      edgecompile run bundle/ --text "How do I reset my password?"
+    """
+
+
+@cli.command()
+@click.argument("student_dir", type=_existing())
+@click.option("--masks", "masks", required=True, type=_existing(), help="edgecompile-masks/1 safetensors file (router centroids + per-cluster gates).")
+@click.option("--router-encoder", required=True, type=_existing(), help="sentence-transformers folder used to route inputs to clusters.")
+@click.option("--out", required=True, type=_existing(), help="Bundle folder to create (must not exist unless --force).")
+@click.option("--target", "targets", multiple=True, default=("cpu",), show_default=True, help="Target name or path to a target .toml; repeat for several targets.")
+@click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime intra-op threads for parity (0 = all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
+def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targets: tuple[str, ...], samples: Path | None,
+          force: bool, threads: int, quiet: bool) -> None:
+    """Export STUDENT_DIR once, rewrite one graph per cluster, build the router, prove parity, write the bundle.
+
+    Exit code 0 means the bundle at --out is complete and passed parity on every target; any other exit
+    code means --out was not created or changed.
+    """
+    from edgecompile.build import BuildRequest
+    from edgecompile.build import build as run_build
+    from edgecompile.progress import Progress
+
+    progress = Progress(quiet=quiet)
+    request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads)
+    result = run_build(request, progress)
+    click.echo(result.table)
+    if not quiet:
+        click.echo(f"\nbundle written to {result.out} in {progress.total:.1f} s (parity passed)", err=True)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=_existing())
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
+def inspect(bundle_dir: Path, as_json: bool) -> None:
+    """Summarise a bundle: clusters, what each keeps, sizes, MACs, parity."""
+    from edgecompile.bundle import load_bundle
+    from edgecompile.summary import bundle_summary
+
+    bundle = load_bundle(bundle_dir)
+    click.echo(json.dumps(bundle.manifest, indent=2) if as_json else bundle_summary(bundle))
+
+
+@cli.command()
+@click.argument("bundle_dir", type=_existing())
+@click.option("--text", required=True, help="The input to route and run.")
+@click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+def run(bundle_dir: Path, text: str, target: str | None, threads: int) -> None:
+    """Route one input with router.onnx, run the chosen cluster, print JSON."""
+    from edgecompile.bundle import load_bundle
+    from edgecompile.infer import route_and_run
+
+    click.echo(json.dumps(route_and_run(load_bundle(bundle_dir), text, target, threads)))
+
+
+@cli.command()
+@click.argument("bundle_dir", type=_existing())
+@click.option("--target", "targets", multiple=True, help="Only these targets [default: all in the bundle].")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
+    """Re-check every file's sha256 and re-run parity against the stored PyTorch reference outputs."""
+    from edgecompile.bundle import load_bundle
+    from edgecompile.parity import parity_table
+    from edgecompile.verify import verify_bundle
+
+    bundle = load_bundle(bundle_dir)
+    results = verify_bundle(bundle, list(targets) or None, threads)
+    table = parity_table(results)
+    if not all(r.passed for r in results):
+        raise ParityError(f"{bundle_dir}: parity failed on this machine\n" + table)
+    click.echo(table)
+    click.echo(f"\n{bundle_dir}: all file hashes match and parity passed", err=True)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=_existing())
+@click.option("--target", default=None, help="Target folder of the bundle [default: the first].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per graph (round-robin).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON here.")
+def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threads: int, runs: int, warmup: int,
+          json_path: Path | None) -> None:
+    """p50/p90 latency per cluster and for the router, beside the dense export, in one run."""
+    from dataclasses import asdict
+
+    from edgecompile.bench import bench_bundle, bench_table
+    from edgecompile.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    rows = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup)
+    click.echo(bench_table(rows, batch, sequence, threads))
+    if json_path:
+        json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+
+
+@cli.command()
+def targets() -> None:
+    """List the known targets (shipped ones and those in $EDGECOMPILE_TARGETS_PATH)."""
+    from edgecompile.targets import available_targets, load_target_file
+
+    for name, path in available_targets().items():
+        target = load_target_file(path)
+        shapes = "dynamic" if target.dynamic_shapes else f"fixed {target.batch}x{target.sequence}"
+        click.echo(f"{name:<10} {target.provider:<28} {target.precision:<8} {shapes:<14} {target.description}  [{path}]")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes become one line on stderr and an exit code, never a traceback."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EdgecompileError as exc:
+        head, _, rest = str(exc).partition("\n")
+        click.echo(f"error: {head}", err=True)
+        if rest:
+            click.echo(rest, err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Errors a user can act on. Each carries the process exit code scripts rely on.
+
+Exit codes (documented in README):
+  0 success; 1 internal error (a bug: traceback shown); 2 bad input or usage;
+  3 parity failed; 4 missing optional dependency or unusable environment;
+  5 bundle verification failed (hash mismatch, missing file); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EdgecompileError(Exception):
+    """Base class: the message is one line a person can act on."""
+
+    exit_code = 1
+
+
+class InputError(EdgecompileError):
+    exit_code = 2
+
+
+class ParityError(EdgecompileError):
+    exit_code = 3
+
+
+class EnvironmentProblem(EdgecompileError):
+    exit_code = 4
+
+
+class BundleError(EdgecompileError):
+    exit_code = 5
+
+
+def one_line(text: object) -> str:
+    """Collapse an exception text (often multi-line) into one readable line."""
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    line = " ".join(parts)
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def input_error(file: Path | str, what: str, expected: object, found: object) -> InputError:
+    """The standard shape of a bad-input message: file, what, expected, found."""
+    return InputError(f"{file}: {what}: expected {expected}, found {found}")

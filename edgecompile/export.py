@@ -1,0 +1,138 @@
+"""Dense fp32 export of a student (or the router) to ONNX, once, with provenance kept.
+
+We use the TorchScript exporter (as optimum does) because its node names carry the module scope
+(`/model/encoder/layer.0/attention/self/query/MatMul`), which the rewrites use to find
+sub-layers; `passes.provenance` turns that into explicit node metadata. Inputs, dynamic axes and
+dummy inputs come from optimum's BertOnnxConfig so the exported signature matches optimum's.
+
+During export, BERT self-attention is traced with head-count-agnostic reshapes
+(`view(B, S, -1, head_size)`): numerically identical to transformers' forward, but no head count
+is baked into the graph, so pruning heads is purely a weight-slicing rewrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import types
+import warnings
+from collections.abc import Iterator, Sequence
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+OPSET = 17
+
+
+def _head_agnostic_self_attention(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    *args: object,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager BertSelfAttention (absolute positions, encoder) with -1 for the head dim."""
+    batch, seq, _ = hidden_states.shape
+    size = self.attention_head_size
+    query = self.query(hidden_states).view(batch, seq, -1, size).transpose(1, 2)
+    key = self.key(hidden_states).view(batch, seq, -1, size).transpose(1, 2)
+    value = self.value(hidden_states).view(batch, seq, -1, size).transpose(1, 2)
+    scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(size)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    if head_mask is not None:
+        probs = probs * head_mask
+    context = torch.matmul(probs, value).permute(0, 2, 1, 3).reshape(batch, seq, -1)
+    return context, probs
+
+
+@contextlib.contextmanager
+def head_agnostic_attention(module: nn.Module) -> Iterator[None]:
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    patched = [m for m in module.modules() if type(m) is BertSelfAttention]
+    for m in patched:
+        m.forward = types.MethodType(_head_agnostic_self_attention, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def bert_dummy_inputs(config: dict, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs from optimum's BertOnnxConfig (its shapes and value ranges)."""
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from transformers import BertConfig
+
+    onnx_config = BertOnnxConfig(BertConfig(**config), task="feature-extraction")
+    dummy = onnx_config.generate_dummy_inputs(framework="pt")
+    return tuple(dummy[name] for name in names)
+
+
+def bert_dynamic_axes(input_names: Sequence[str], output_names: Sequence[str], per_token: Sequence[str]) -> dict:
+    from optimum.exporters.onnx.model_configs import BertOnnxConfig
+    from transformers import BertConfig
+
+    axes = dict(BertOnnxConfig(BertConfig(), task="feature-extraction").inputs)
+    dynamic = {name: dict(axes[name]) for name in input_names}
+    for name in output_names:
+        dynamic[name] = {0: "batch_size", 1: "sequence_length"} if name in per_token else {0: "batch_size"}
+    return dynamic
+
+
+def export_module(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict | None,
+) -> ir.Model:
+    """torch -> ONNX (in memory) -> onnx-ir, with provenance tagged on every node."""
+    from edgecompile.passes.provenance import TagModuleProvenance
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), head_agnostic_attention(module), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            buffer,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = ir.from_proto(onnx.load_from_string(buffer.getvalue()))
+    TagModuleProvenance()(model)
+    return model
+
+
+def export_student(student: nn.Module) -> ir.Model:
+    """The dense student: inputs input_ids / attention_mask / token_type_ids, dynamic batch and sequence."""
+    from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS
+    from edgecompile.reference.student import INPUT_NAMES
+
+    args = bert_dummy_inputs(student.spec.config, INPUT_NAMES)
+    axes = bert_dynamic_axes(INPUT_NAMES, student.output_names, PER_TOKEN_OUTPUTS)
+    model = export_module(student, args, INPUT_NAMES, student.output_names, axes)
+    model.graph.name = "dense"
+    return model
+
+
+def export_router(router: nn.Module) -> ir.Model:
+    """The router: input_ids / attention_mask -> cluster_id [batch] int64, distances [batch, K]."""
+    from edgecompile.reference.router import ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES
+
+    args = bert_dummy_inputs(router.encoder.spec.config, ROUTER_INPUT_NAMES)
+    axes = bert_dynamic_axes(ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, ())
+    model = export_module(router, args, ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, axes)
+    model.graph.name = "router"
+    return model

@@ -1,0 +1,50 @@
+"""`edgecompile run`: what an app does with a bundle: route one text, then run that cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgecompile.bundle import Bundle
+from edgecompile.runtime import create_session
+from edgecompile.targets import target_from_dict
+from edgecompile.tokens import encode, load_tokenizer, pad_batch
+
+
+def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {i.name: batch[i.name] for i in session.get_inputs()}
+
+
+def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, threads: int = 0) -> dict[str, Any]:
+    entry = bundle.target(target_name)
+    target = target_from_dict(entry["target"])
+    length = None if target.dynamic_shapes else target.sequence
+
+    def tokens(role: str):
+        info = bundle.manifest[role]
+        encoded = encode(load_tokenizer(bundle.root / info["tokenizer"]), [text], info["max_seq_length"])
+        return encoded[0], pad_batch(encoded, length)
+
+    router_sample, router_batch = tokens("router")
+    router = create_session(bundle.root / entry["graphs"]["router"]["file"], target, threads)
+    cluster_id, distances = router.run(["cluster_id", "distances"], _feed(router, router_batch))
+    k = int(cluster_id.reshape(-1)[0])
+    sample, batch = tokens("student")
+    session = create_session(bundle.root / entry["graphs"][f"cluster_{k}"]["file"], target, threads)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, _feed(session, batch))
+    outputs = {}
+    for name, value in zip(names, values):
+        item = value[0]
+        if item.ndim >= 2:  # per-token output: real tokens only
+            item = item[: sample.length]
+        outputs[name] = item.tolist()
+    return {
+        "text": text,
+        "target": entry["target"]["name"],
+        "cluster_id": k,
+        "distances": [float(x) for x in distances[0]],
+        "tokens": sample.length,
+        "outputs": outputs,
+    }

@@ -1,0 +1,212 @@
+"""Student and router-encoder checkpoints: Hugging Face BERT folders and sentence-transformers folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecompile.errors import InputError, input_error, one_line
+
+SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
+SUPPORTED_DESCRIPTION = (
+    "BertModel, BertForSequenceClassification, or a sentence-transformers folder whose first module is a BERT"
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A validated checkpoint of a supported family. Nothing heavy is loaded yet."""
+
+    path: Path  # what the user gave
+    family: str  # "bert" | "bert-sequence-classification" | "sentence-transformers"
+    architecture: str
+    transformer_dir: Path  # holds config.json and model.safetensors
+    config: dict[str, Any]
+    pooling_mode: str | None = None  # sentence-transformers only
+    normalize: bool = False
+    max_seq_length: int = 512
+    has_pooler: bool = False  # BertModel with pooler weights in the checkpoint
+    num_labels: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.config["intermediate_size"])
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the sentence embedding (sentence-transformers) or the hidden state."""
+        return self.hidden_size
+
+    def tokenizer_files(self) -> tuple[Path, ...]:
+        return tuple(self.transformer_dir / n for n in TOKENIZER_FILES if (self.transformer_dir / n).is_file())
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON ({one_line(exc)})") from None
+
+
+def _check_weights(transformer_dir: Path) -> set[str]:
+    """Open model.safetensors' header so a corrupt file fails here with its name; return tensor names."""
+    weights = transformer_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        other = [n for n in ("pytorch_model.bin", "model.safetensors.index.json") if (transformer_dir / n).exists()]
+        hint = f" (found {other[0]}; save the checkpoint with safe_serialization=True)" if other else ""
+        raise InputError(f"{weights}: file not found{hint}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return set(handle.keys())
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise InputError(f"{weights}: not a readable safetensors file ({one_line(exc)})") from None
+
+
+def _check_bert_config(config_path: Path, config: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(config, dict):
+        raise input_error(config_path, "content", "a JSON object", type(config).__name__)
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if model_type != "bert":
+        name = architecture or "unknown architecture"
+        raise InputError(
+            f"{config_path}: model family '{model_type}' ({name}) is not supported; supported: {SUPPORTED_DESCRIPTION}"
+        )
+    if architecture is None:
+        architecture = "BertModel"
+    if architecture not in allowed:
+        raise InputError(
+            f"{config_path}: architecture '{architecture}' is not supported; supported: {SUPPORTED_DESCRIPTION}"
+        )
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise input_error(config_path, f"'{key}'", "a positive integer", config.get(key))
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise input_error(
+            config_path, "'hidden_size' / 'num_attention_heads'", "an integer head size",
+            f"{config['hidden_size']} / {config['num_attention_heads']}",
+        )
+    position = config.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise input_error(config_path, "'position_embedding_type'", "'absolute'", repr(position))
+    if config.get("is_decoder") or config.get("add_cross_attention"):
+        raise input_error(config_path, "'is_decoder'", "an encoder (false)", "a decoder configuration")
+    return architecture
+
+
+def _sentence_transformers_modules(path: Path) -> list[dict[str, Any]]:
+    modules_path = path / "modules.json"
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
+        raise input_error(modules_path, "content", "a non-empty list of modules", type(modules).__name__)
+    return modules
+
+
+def _module_kind(module: dict[str, Any]) -> str:
+    return str(module.get("type", "")).rsplit(".", 1)[-1]
+
+
+def _pooling_mode(config_path: Path, config: Any) -> str:
+    if not isinstance(config, dict):
+        raise input_error(config_path, "content", "a JSON object", type(config).__name__)
+    legacy = {
+        "pooling_mode_cls_token": "cls",
+        "pooling_mode_mean_tokens": "mean",
+        "pooling_mode_max_tokens": "max",
+        "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+        "pooling_mode_weightedmean_tokens": "weightedmean",
+        "pooling_mode_lasttoken": "lasttoken",
+    }
+    if "pooling_mode" in config:
+        modes = config["pooling_mode"]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+    else:
+        modes = [mode for key, mode in legacy.items() if config.get(key)]
+    from edgecompile.reference.pooling import POOLING_MODES
+
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise input_error(config_path, "pooling mode", f"exactly one of {', '.join(POOLING_MODES)}", modes or "none")
+    return modes[0]
+
+
+def load_student(path: Path, *, role: str = "student") -> StudentSpec:
+    """Validate a checkpoint folder and say which family it is. `role` names it in errors."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {role} folder not found")
+    if not path.is_dir():
+        raise input_error(path, role, "a folder with config.json and model.safetensors", "a file")
+    if (path / "modules.json").is_file():
+        return _load_sentence_transformers(path)
+    config_path = path / "config.json"
+    config = _read_json(config_path)
+    architecture = _check_bert_config(config_path, config, SUPPORTED_ARCHITECTURES)
+    names = _check_weights(path)
+    if architecture == "BertForSequenceClassification":
+        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+        return StudentSpec(
+            path, "bert-sequence-classification", architecture, path, config,
+            max_seq_length=int(config.get("max_position_embeddings", 512)), num_labels=labels,
+        )
+    has_pooler = any(n.endswith("pooler.dense.weight") for n in names)
+    return StudentSpec(
+        path, "bert", architecture, path, config,
+        max_seq_length=int(config.get("max_position_embeddings", 512)), has_pooler=has_pooler,
+    )
+
+
+def _load_sentence_transformers(path: Path) -> StudentSpec:
+    modules = _sentence_transformers_modules(path)
+    kinds = [_module_kind(m) for m in modules]
+    if kinds[0] != "Transformer":
+        raise input_error(path / "modules.json", "first module", "a Transformer module", modules[0].get("type"))
+    if len(kinds) < 2 or kinds[1] != "Pooling":
+        found = modules[1].get("type") if len(kinds) > 1 else "nothing"
+        raise input_error(path / "modules.json", "second module", "a Pooling module", found)
+    rest = kinds[2:]
+    if rest not in ([], ["Normalize"]):
+        raise input_error(
+            path / "modules.json", "modules after Pooling", "none or Normalize", ", ".join(m.get("type", "?") for m in modules[2:])
+        )
+    transformer_dir = path / str(modules[0].get("path", ""))
+    config_path = transformer_dir / "config.json"
+    config = _read_json(config_path)
+    architecture = _check_bert_config(config_path, config, ("BertModel",))
+    _check_weights(transformer_dir)
+    pooling_dir = path / str(modules[1].get("path", "1_Pooling"))
+    pooling_mode = _pooling_mode(pooling_dir / "config.json", _read_json(pooling_dir / "config.json"))
+    max_seq_length = int(config.get("max_position_embeddings", 512))
+    st_config = transformer_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        value = _read_json(st_config)
+        if isinstance(value, dict) and isinstance(value.get("max_seq_length"), int):
+            max_seq_length = min(max_seq_length, value["max_seq_length"])
+    return StudentSpec(
+        path, "sentence-transformers", architecture, transformer_dir, config,
+        pooling_mode=pooling_mode, normalize=bool(rest), max_seq_length=max_seq_length,
+    )

@@ -1,0 +1,214 @@
+"""The parity gate: onnxruntime outputs of every graph vs the PyTorch reference, per target.
+
+Metrics per (graph, output), over all samples (per-token outputs on real tokens only):
+- max abs error: max |ort - ref|;
+- max rel error: max over samples of max|ort - ref| / max|ref| (scale-free, no blow-up near 0);
+- min cosine: min over samples of the cosine similarity of the flattened outputs;
+- argmax agreement (logits only) and cluster agreement (router), as fractions of samples.
+The end-to-end row takes, per sample, the cluster the ONNX router picked and compares that
+cluster's ONNX output with the reference cluster the PyTorch router picked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgecompile.errors import InputError
+from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS, Outputs
+from edgecompile.runtime import create_session
+from edgecompile.targets import Target
+from edgecompile.tokens import Encoded, pad_batch
+
+DYNAMIC_CHUNK = 32  # samples per onnxruntime call on dynamic-shape targets
+
+
+@dataclass
+class Comparison:
+    target: str
+    graph: str
+    output: str
+    samples: int
+    max_abs_error: float | None
+    max_relative_error: float | None
+    min_cosine: float | None
+    agreement: float | None = None  # argmax (logits) or cluster id (router)
+    worst_sample: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], gots: list[np.ndarray]) -> Comparison:
+    tol = target.parity
+    abs_errors, rel_errors, cosines, agree = [], [], [], []
+    for ref, got in zip(refs, gots):
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        abs_error = float(np.abs(got64 - ref64).max()) if ref.size else 0.0
+        scale = float(np.abs(ref64).max()) if ref.size else 0.0
+        abs_errors.append(abs_error)
+        rel_errors.append(abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else float("inf")))
+        cosines.append(_cosine(ref, got))
+        if output == "logits":
+            agree.append(int(np.argmax(ref)) == int(np.argmax(got)))
+    worst = int(np.argmax(rel_errors)) if rel_errors else 0
+    result = Comparison(
+        target.name, graph, output, len(refs), max(abs_errors, default=0.0), max(rel_errors, default=0.0),
+        min(cosines, default=1.0), float(np.mean(agree)) if agree else None, worst,
+    )
+    if result.max_relative_error > tol.max_relative_error:
+        result.failures.append(f"max rel error {result.max_relative_error:.3g} > {tol.max_relative_error:g}")
+    if result.min_cosine < tol.min_cosine:
+        result.failures.append(f"min cosine {result.min_cosine:.6f} < {tol.min_cosine:g}")
+    if result.agreement is not None and result.agreement < tol.min_argmax_agreement:
+        result.failures.append(f"argmax agreement {result.agreement:.3f} < {tol.min_argmax_agreement:g}")
+    return result
+
+
+def compare_router(target: Target, refs: Outputs, gots: Outputs) -> list[Comparison]:
+    distances = compare(target, "router", "distances", refs["distances"], gots["distances"])
+    ids_ref = np.array([int(x.reshape(-1)[0]) for x in refs["cluster_id"]])
+    ids_got = np.array([int(x.reshape(-1)[0]) for x in gots["cluster_id"]])
+    agreement = float(np.mean(ids_ref == ids_got)) if ids_ref.size else 1.0
+    worst = int(np.argmax(ids_ref != ids_got)) if agreement < 1 else 0
+    ids = Comparison(target.name, "router", "cluster_id", int(ids_ref.size), None, None, None, agreement, worst)
+    if agreement < target.parity.min_router_agreement:
+        mismatched = [int(i) for i in np.flatnonzero(ids_ref != ids_got)]
+        ids.failures.append(f"cluster agreement {agreement:.3f} < {target.parity.min_router_agreement:g} (samples {mismatched[:8]})")
+    return [distances, ids]
+
+
+def _batches(samples: list[Encoded], target: Target, lines: list[int] | None = None):
+    """Yield (indices, feed) in the shapes the target accepts."""
+    if target.dynamic_shapes:
+        for start in range(0, len(samples), DYNAMIC_CHUNK):
+            chunk = samples[start : start + DYNAMIC_CHUNK]
+            yield list(range(start, start + len(chunk))), pad_batch(chunk)
+        return
+    for i, sample in enumerate(samples):
+        if sample.length > target.sequence:
+            line = lines[i] if lines else i + 1
+            raise InputError(
+                f"samples line {line}: sequence length: expected at most {target.sequence} tokens "
+                f"(target '{target.name}' shapes.sequence), found {sample.length}; not truncating silently"
+            )
+    for start in range(0, len(samples), target.batch):
+        chunk = samples[start : start + target.batch]
+        rows = chunk + [chunk[-1]] * (target.batch - len(chunk))
+        yield list(range(start, start + len(chunk))), pad_batch(rows, target.sequence)
+
+
+def run_graph(path: Path, target: Target, samples: list[Encoded], threads: int = 0) -> Outputs:
+    """Run one graph on every sample; per-sample outputs cut back to the real tokens."""
+    session = create_session(path, target, threads)
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    outputs: Outputs = {name: [None] * len(samples) for name in output_names}
+    for indices, feed in _batches(samples, target):
+        results = session.run(output_names, {name: feed[name] for name in input_names})
+        for name, value in zip(output_names, results):
+            for row, index in enumerate(indices):
+                item = value[row]
+                if name in PER_TOKEN_OUTPUTS:
+                    item = item[: samples[index].length]
+                outputs[name][index] = np.array(item)
+    return outputs
+
+
+def end_to_end(target: Target, reference: dict[str, Outputs], onnx: dict[str, Outputs]) -> list[Comparison]:
+    picked_ref = [int(x.reshape(-1)[0]) for x in reference["router"]["cluster_id"]]
+    picked_onnx = [int(x.reshape(-1)[0]) for x in onnx["router"]["cluster_id"]]
+    rows = []
+    for output in reference[f"cluster_{picked_ref[0]}"]:
+        refs = [reference[f"cluster_{k}"][output][s] for s, k in enumerate(picked_ref)]
+        gots = [onnx[f"cluster_{k}"][output][s] for s, k in enumerate(picked_onnx)]
+        rows.append(compare(target, "end-to-end", output, refs, gots))
+    return rows
+
+
+@dataclass
+class TargetParity:
+    target: str
+    rows: list[Comparison]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+
+def check_target(
+    target: Target,
+    graph_paths: dict[str, Path],
+    reference: dict[str, Outputs],
+    student_samples: list[Encoded],
+    router_samples: list[Encoded],
+    threads: int = 0,
+    progress=None,
+) -> TargetParity:
+    onnx: dict[str, Outputs] = {}
+    rows: list[Comparison] = []
+    for graph, path in graph_paths.items():
+        if progress:
+            progress(graph)
+        samples = router_samples if graph == "router" else student_samples
+        onnx[graph] = run_graph(path, target, samples, threads)
+        if graph == "router":
+            rows += compare_router(target, reference["router"], onnx["router"])
+        else:
+            rows += [compare(target, graph, out, reference[graph][out], onnx[graph][out]) for out in reference[graph]]
+    rows += end_to_end(target, reference, onnx)
+    return TargetParity(target.name, rows)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
+
+
+def parity_table(results: list[TargetParity]) -> str:
+    """Markdown table (also readable as plain text on a terminal)."""
+    lines = [
+        "| target | graph | output | samples | max abs err | max rel err | min cosine | agreement | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for result in results:
+        for r in result.rows:
+            status = "ok" if r.passed else "FAIL: " + "; ".join(r.failures)
+            lines.append(
+                f"| {r.target} | {r.graph} | {r.output} | {r.samples} | {_fmt(r.max_abs_error)} | "
+                f"{_fmt(r.max_relative_error)} | {_fmt(r.min_cosine, 7)} | {_fmt(r.agreement)} | {status} |"
+            )
+    return "\n".join(lines)
+
+
+def parity_json(results: list[TargetParity], tolerances: dict[str, Target]) -> dict:
+    def rounded(row: Comparison) -> dict:
+        data = asdict(row)
+        for key, digits in (("max_abs_error", 3), ("max_relative_error", 3), ("min_cosine", 7)):
+            if data[key] is not None:
+                data[key] = float(f"{data[key]:.{digits}g}")
+        data["passed"] = row.passed
+        return data
+
+    return {
+        "passed": all(r.passed for r in results),
+        "targets": {
+            r.target: {
+                "passed": r.passed,
+                "tolerances": asdict(tolerances[r.target].parity),
+                "rows": [rounded(row) for row in r.rows],
+            }
+            for r in results
+        },
+    }

@@ -1,0 +1,49 @@
+"""Head gates: slice removed heads out of Q/K/V and the attention output projection.
+
+Kept heads' soft gates are folded into the output projection's input rows. With every head
+removed the attention branch is just the output projection's bias. The export has no head count
+baked in (see export.py), so the shrunken weights are the whole rewrite.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
+from edgecompile.passes.branch_edits import branch_to_bias
+from edgecompile.passes.tensors import replace_constant_input
+
+
+def head_columns(kept_heads: np.ndarray, head_size: int) -> np.ndarray:
+    """Feature indices of the kept heads in a [*, heads * head_size] projection."""
+    return (kept_heads[:, None] * head_size + np.arange(head_size)[None, :]).reshape(-1)
+
+
+class PruneAttentionHeads(ir.passes.InPlacePass):
+    def __init__(self, structure: BertStructure, heads: np.ndarray) -> None:
+        super().__init__()
+        self.structure = structure
+        self.heads = heads  # [L, H]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, size = model.graph, self.structure.head_size
+        modified = False
+        for layer in find_bert_layers(model, self.structure):
+            gates = self.heads[layer.index]
+            if not layer.has_attention or bool((gates == 1.0).all()):
+                continue
+            modified = True
+            kept = np.flatnonzero(gates != 0.0)
+            if kept.size == 0:
+                branch_to_bias(layer.attention_residual, layer.attention_output)
+                continue
+            columns = head_columns(kept, size)
+            for site in (layer.query, layer.key, layer.value):
+                replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
+                replace_constant_input(graph, site.bias_add, site.bias_index, site.bias_array()[columns], f"{site.module}.bias")
+            out = layer.attention_output
+            row_scale = np.repeat(gates[kept], size).astype(np.float32)[:, None]
+            weight = (out.weight_array()[columns, :] * row_scale).astype(np.float32)
+            replace_constant_input(graph, out.matmul, 1, weight, f"{out.module}.weight_t")
+        return ir.passes.PassResult(model, modified=modified)

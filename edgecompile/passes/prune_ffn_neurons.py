@@ -1,0 +1,40 @@
+"""Neuron gates: slice removed FFN intermediate neurons out of both FFN projections.
+
+Kept neurons' soft gates are folded into the output projection's input rows. With every neuron
+removed the FFN branch is just the output projection's bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
+from edgecompile.passes.branch_edits import branch_to_bias
+from edgecompile.passes.tensors import replace_constant_input
+
+
+class PruneFfnNeurons(ir.passes.InPlacePass):
+    def __init__(self, structure: BertStructure, neurons: np.ndarray) -> None:
+        super().__init__()
+        self.structure = structure
+        self.neurons = neurons  # [L, I]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for layer in find_bert_layers(model, self.structure):
+            gates = self.neurons[layer.index]
+            if not layer.has_ffn or bool((gates == 1.0).all()):
+                continue
+            modified = True
+            kept = np.flatnonzero(gates != 0.0)
+            if kept.size == 0:
+                branch_to_bias(layer.ffn_residual, layer.ffn_output)
+                continue
+            up, down = layer.intermediate, layer.ffn_output
+            replace_constant_input(graph, up.matmul, 1, up.weight_array()[:, kept], f"{up.module}.weight_t")
+            replace_constant_input(graph, up.bias_add, up.bias_index, up.bias_array()[kept], f"{up.module}.bias")
+            weight = (down.weight_array()[kept, :] * gates[kept].astype(np.float32)[:, None]).astype(np.float32)
+            replace_constant_input(graph, down.matmul, 1, weight, f"{down.module}.weight_t")
+        return ir.passes.PassResult(model, modified=modified)

@@ -1,0 +1,78 @@
+"""`edgecompile inspect`: a readable summary of a bundle."""
+
+from __future__ import annotations
+
+import json
+
+from edgecompile.bundle import Bundle
+
+
+def _millions(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _layers(ids: list[int]) -> str:
+    return ",".join(str(i) for i in ids) if ids else "none"
+
+
+def bundle_summary(bundle: Bundle) -> str:
+    m = bundle.manifest
+    s, r = m["student"], m["router"]
+    tool = m["tool"]
+    lines = [
+        f"bundle   {bundle.root}  ({m['schema']}; edgecompile {tool['edgecompile']}, onnx {tool['onnx']}, "
+        f"onnxruntime {tool['onnxruntime']}, opset {m['opset']})",
+        f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads, "
+        f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
+        f"router   {r['name']}: {r['pooling']} pooling{', normalized' if r['normalize'] else ''}"
+        f"{', projection ' + 'x'.join(map(str, r['projection'])) if r['projection'] else ''}; "
+        f"{r['metric']} distance to {r['clusters']} centroids; ties -> {r['tie_break']}",
+        f"masks    {m['masks']['name']} ({m['masks']['kind']}); parity samples: {m['samples']['count']}",
+    ]
+    for name, t in m["targets"].items():
+        shapes = "dynamic shapes" if t["dynamic_shapes"] else f"fixed batch {t['batch']} x sequence {t['sequence']}"
+        lines.append(f"target   {name}: {t['provider']}, {t['precision']}, {shapes}, {t['format']}")
+    lines.append(f"parity   {'PASSED' if m['parity']['passed'] else 'FAILED'} (details: {m['parity']['report']})")
+    try:
+        parity = json.loads((bundle.root / m["parity"]["data"]).read_text())
+        for name, t in parity["targets"].items():
+            rel = [row["max_relative_error"] for row in t["rows"] if row["max_relative_error"] is not None]
+            agree = [row["agreement"] for row in t["rows"] if row["output"] == "cluster_id"]
+            lines.append(
+                f"         {name}: worst max rel error {max(rel):.3g} (tolerance {t['tolerances']['max_relative_error']:g}), "
+                f"router agreement {min(agree) if agree else 1:.3f}"
+            )
+    except (OSError, ValueError, KeyError):
+        lines.append("         (parity.json unreadable)")
+
+    d = m["dense"]
+    targets = list(m["targets"])
+    layers = s["layers"]
+    columns = ["graph", "attention", "ffn", "heads", "neurons", "params", "MMACs/tok", "vs dense"] + [f"MB {t}" for t in targets]
+    rows = [[
+        "dense", f"{layers}/{layers}", f"{layers}/{layers}", str(layers * s["heads"]), str(layers * s["intermediate_size"]),
+        _millions(d["parameters"]), f"{d['macs_per_token']['total'] / 1e6:.2f}", "1.00",
+    ] + [f"{d['bytes'][t] / 1e6:.1f}" for t in targets]]
+    for c in m["clusters"]:
+        k = c["kept"]
+        rows.append([
+            f"cluster {c['id']}", f"{k['attention_blocks_kept']}/{layers}", f"{k['ffn_blocks_kept']}/{layers}",
+            str(k["heads_kept"]), str(k["neurons_kept"]), _millions(c["parameters"]),
+            f"{c['macs_per_token']['total'] / 1e6:.2f}", f"{c['macs_ratio_vs_dense']:.2f}",
+        ] + [f"{c['bytes'][t] / 1e6:.1f}" for t in targets])
+    widths = [max(len(row[i]) for row in rows + [columns]) for i in range(len(columns))]
+    lines.append("")
+    for row in [columns] + rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    lines.append("")
+    lines.append(f"MACs per token at sequence {d['macs_per_token']['sequence']}; MB = the graph's .onnx plus the tensors it reads (what it weighs shipped alone).")
+    for c in m["clusters"]:
+        k = c["kept"]
+        removed_attention = [layer["layer"] for layer in k["layers"] if not layer["attention"]]
+        removed_ffn = [layer["layer"] for layer in k["layers"] if not layer["ffn"]]
+        soft = [layer["layer"] for layer in k["layers"] if any(x in layer for x in ("attention_scale", "ffn_scale", "soft_heads", "soft_neurons"))]
+        lines.append(
+            f"cluster {c['id']}: attention removed in layers {_layers(removed_attention)}; FFN removed in layers "
+            f"{_layers(removed_ffn)}; no matmuls left in layers {_layers(k['layers_without_compute'])}; soft gates folded in layers {_layers(soft)}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""Tokenizing samples once, and padding them into the batches a graph accepts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecompile.errors import InputError, one_line
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One sample's token ids, unpadded."""
+
+    input_ids: np.ndarray  # int64 [S]
+    token_type_ids: np.ndarray  # int64 [S]
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def load_tokenizer(directory: Path):
+    import transformers
+    from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"{directory}: cannot load the tokenizer ({one_line(exc)})") from None
+
+
+def encode(tokenizer, texts: tuple[str, ...] | list[str], max_length: int) -> list[Encoded]:
+    out = []
+    for text in texts:
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_token_type_ids=True)
+        out.append(Encoded(np.asarray(enc["input_ids"], np.int64), np.asarray(enc["token_type_ids"], np.int64)))
+    return out
+
+
+def pad_batch(samples: list[Encoded], length: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Right-pad to `length` (default: the longest sample) with an attention mask."""
+    width = length or max(s.length for s in samples)
+    ids = np.full((len(samples), width), pad_id, np.int64)
+    types = np.zeros((len(samples), width), np.int64)
+    mask = np.zeros((len(samples), width), np.int64)
+    for row, s in enumerate(samples):
+        ids[row, : s.length] = s.input_ids
+        types[row, : s.length] = s.token_type_ids
+        mask[row, : s.length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}

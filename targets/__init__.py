@@ -1,0 +1,1 @@
+"""Target descriptions (*.toml) shipped with edgecompile; see edgecompile/targets.py."""

@@ -1,0 +1,113 @@
+"""Tiny random-weight students, router encoders and masks files, built on disk for tests."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from edgecompile.inputs.samples import BUILTIN_SAMPLES
+
+WORDS = sorted({w.strip(".,!?:%").lower() for s in BUILTIN_SAMPLES for w in s.split() if w.strip(".,!?:%").isascii()})
+
+
+def write_tokenizer(directory: Path) -> int:
+    """A WordPiece vocab that covers every ASCII text (letters, digits, punctuation as pieces)."""
+    from transformers import BertTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = specials + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + [w for w in WORDS if w and w not in chars]
+    vocab = list(dict.fromkeys(vocab))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(directory))
+    return len(vocab)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """HF init leaves biases at 0 and LayerNorms at 1; perturb everything so bugs cannot hide."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator) * 0.05
+            param.add_(noise if "weight" in name and param.dim() == 2 else noise * 2)
+
+
+def make_bert(
+    directory: Path,
+    *,
+    family: str = "bert",
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    intermediate: int = 64,
+    seed: int = 0,
+    num_labels: int = 3,
+    pooling: str = "mean",
+    normalize: bool = True,
+    pooler: bool = True,
+) -> Path:
+    """family: 'bert' (BertModel), 'seqcls' (BertForSequenceClassification) or 'st' (sentence-transformers)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=128, num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    if family == "seqcls":
+        model = BertForSequenceClassification(config)
+    else:
+        model = BertModel(config, add_pooling_layer=pooler and family == "bert")
+    _randomize(model, seed)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if family == "st":
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+        (directory / "1_Pooling").mkdir(exist_ok=True)
+        keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens",
+                "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens"}
+        pooling_config = {"word_embedding_dimension": hidden, **{k: (mode == pooling) for mode, k in keys.items()}}
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+        (directory / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return directory
+
+
+def write_masks(
+    path: Path,
+    clusters: dict[int, dict[str, np.ndarray]],
+    centroids: np.ndarray,
+    *,
+    metric: str = "l2",
+    kind: str | None = None,
+    projection: tuple[np.ndarray, np.ndarray] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    tensors = {"router.centroids": np.ascontiguousarray(centroids, dtype=np.float32)}
+    if projection is not None:
+        tensors["router.projection.weight"] = np.ascontiguousarray(projection[0], dtype=np.float32)
+        tensors["router.projection.bias"] = np.ascontiguousarray(projection[1], dtype=np.float32)
+    for k, gates in clusters.items():
+        for granularity, array in gates.items():
+            tensors[f"cluster.{k}.{granularity}"] = np.ascontiguousarray(array, dtype=np.float32)
+    meta = {"format": "edgecompile-masks/1", "router.metric": metric}
+    if kind:
+        meta["mask.kind"] = kind
+    if metadata is not None:
+        meta = metadata
+    save_file(tensors, str(path), metadata=meta)
+    return Path(path)
