@@ -212,3 +212,16 @@ def parity_json(results: list[TargetParity], tolerances: dict[str, Target]) -> d
             for r in results
         },
     }
+
+
+def parity_markdown(table: str, targets) -> str:
+    lines = ["# Parity report", "", "Every graph vs the PyTorch reference (masks applied in eager mode), per target.", ""]
+    for t in targets:
+        p = t.parity
+        lines.append(
+            f"- **{t.name}** ({t.provider}, {t.precision}): max rel error ≤ {p.max_relative_error:g}, "
+            f"min cosine ≥ {p.min_cosine:g}, argmax agreement ≥ {p.min_argmax_agreement:g}, "
+            f"router agreement ≥ {p.min_router_agreement:g}"
+        )
+    lines += ["", table, "", "max rel error = max over samples of max|onnx - ref| / max|ref|; per-token outputs on real tokens only.", ""]
+    return "\n".join(lines)
