@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgecompile.errors import InputError, ParityError, input_error
+from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan
 from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
 from edgecompile.inputs.student import StudentSpec, load_student
@@ -59,6 +60,7 @@ class ValidatedInputs:
     masks: MaskSet
     samples: Samples
     targets: tuple[Target, ...]
+    lowbit_sidecar: tuple[Path, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -70,6 +72,7 @@ class LoadedModels:
     router_max_length: int
     student_samples: list[Encoded]
     router_samples: list[Encoded]
+    lowbit: LowBitPlan = field(default_factory=LowBitPlan)
 
 
 @dataclass
@@ -95,7 +98,7 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
         raise input_error(router.transformer_dir, "router encoder tokenizer", "tokenizer files (tokenizer.json or vocab.txt)", "none")
     masks = load_masks(Path(request.masks), student, router.embedding_dim)
     samples = load_samples(request.samples)
-    return ValidatedInputs(student, router, masks, samples, targets)
+    return ValidatedInputs(student, router, masks, samples, targets, read_sidecar(student.path))
 
 
 def _max_length(spec: StudentSpec, tokenizer) -> int:
@@ -132,6 +135,8 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     torch.manual_seed(0)
     masks = inputs.masks
     student = load_student_module(inputs.student)
+    lowbit = resolve_plan(inputs.student, inputs.lowbit_sidecar, student.model)
+    materialize(student.model, lowbit)
     router = RouterModule(
         load_student_module(inputs.router), masks.centroids, masks.metric, masks.projection_weight, masks.projection_bias
     ).eval()
@@ -145,7 +150,7 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     router_samples = encode(router_tokenizer, inputs.samples.texts, router_max)
     _check_fixed_lengths(inputs.targets, student_samples, inputs.samples, "student")
     _check_fixed_lengths(inputs.targets, router_samples, inputs.samples, "router")
-    return LoadedModels(student, router, tokenizer_spec, student_max, router_max, student_samples, router_samples)
+    return LoadedModels(student, router, tokenizer_spec, student_max, router_max, student_samples, router_samples, lowbit)
 
 
 def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Progress) -> CompiledGraphs:
@@ -160,7 +165,8 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
         router = export_router(models.router)
         progress.note(f"dense: {len(dense.graph)} nodes; router: {len(router.graph)} nodes")
 
-    structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size)
+    lowbit_modules = frozenset("model." + p.module for p in models.lowbit.linears)
+    structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules)
     graphs = {"router": router, "dense": dense}
     dense_macs = macs_per_token(spec, kept_structure(spec, _all_kept(masks.clusters[0])))
     dense_entry = {"graph": "dense", "parameters": parameter_count(dense), "macs_per_token": dense_macs, "nodes": len(dense.graph)}
@@ -227,10 +233,12 @@ def _write_tokenizers(root: Path, inputs: ValidatedInputs, models: LoadedModels)
 
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
     from edgecompile.bundle import Staging, file_table, write_graphs, write_json
-    from edgecompile.lowering import lower_for_target
+    from edgecompile.lowering import GraphLowBit, lower_for_target
     from edgecompile.manifest import build_manifest, target_entry
     from edgecompile.parity import check_target, parity_json, parity_markdown, parity_table
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
+    from edgecompile.integer_parity import check_integer_linears
+    from edgecompile.reference.lowbit import QuantizedLinears, QuantLinear
 
     progress = progress or Progress(quiet=True)
     with progress.step("validating inputs"):
@@ -244,25 +252,52 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     with progress.step("loading models and tokenizers"):
         models = load_models(inputs)
     compiled = compile_graphs(inputs, models, progress)
+    if not models.lowbit.empty:
+        plan = models.lowbit
+        progress.note(
+            f"low-bit ({plan.source}): {len(plan.linears)} Linears "
+            f"({', '.join(sorted({f'{p.bits}-bit {p.activation}' for p in plan.linears})) or 'none'}), "
+            f"word embeddings {'%d-bit' % plan.embedding.bits if plan.embedding else 'fp32'}"
+        )
     with progress.step("PyTorch reference on samples"):
-        reference = cluster_outputs(models.student, masks.clusters, models.student_samples)
+        quantized = QuantizedLinears(models.student.model, {p.module: (p.activation, p.static_scale) for p in models.lowbit.linears})
+        try:
+            reference = cluster_outputs(models.student, masks.clusters, models.student_samples)
+        finally:
+            quantized.remove()
         reference["router"] = router_outputs(models.router, models.router_samples)
 
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
-        results, target_entries, graph_bytes = [], {}, {}
+        results, target_entries, graph_bytes, lowering_reports = [], {}, {}, {}
+        graph_lowbit = GraphLowBit.from_plan(models.lowbit)
+        hf_modules = dict(models.student.model.named_modules())
+        quant_reference = {p.module: QuantLinear(hf_modules[p.module], p.activation, p.static_scale) for p in models.lowbit.linears}
+        masks_by_graph = {f"cluster_{c.index}": c for c in masks.clusters}
         for target in inputs.targets:
-            with progress.step(f"lowering and writing graphs for target '{target.name}'"):
-                lowered = lower_for_target(compiled.graphs, target)
+            with progress.step(f"lowering graphs for target '{target.name}'"):
+                lowered, lowering_reports[target.name] = lower_for_target(compiled.graphs, target, graph_lowbit)
+            integer_rows = []
+            if lowering_reports[target.name] and quant_reference:
+                with progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
+                    for name, report in lowering_reports[target.name].items():
+                        integer_rows.append(check_integer_linears(
+                            target, name, lowered[name], report["linear_groups"], quant_reference,
+                            masks_by_graph.get(name), spec.head_size, models.student_samples, request.threads,
+                        ))
+            with progress.step(f"writing graphs for target '{target.name}'"):
                 needs = write_graphs(root / target.name, [(f"{n}.onnx", m) for n, m in lowered.items()], target.shared_weights)
                 graph_bytes[target.name] = {name.removesuffix(".onnx"): size for name, size in needs.items()}
                 target_entries[target.name] = target_entry(target, lowered)
             with progress.step(f"parity on '{target.name}' ({target.provider})"):
                 paths = {name: root / target.name / f"{name}.onnx" for name in lowered}
-                results.append(check_target(
+                result = check_target(
                     target, paths, reference, models.student_samples, models.router_samples, request.threads,
                     progress=lambda graph: progress.note(f"running {graph}"),
-                ))
+                    lowbit_graphs=frozenset(n for n, r in lowering_reports[target.name].items() if r["linear_groups"]),
+                )
+                result.rows += integer_rows
+                results.append(result)
 
         table = parity_table(results)
         if not all(r.passed for r in results):
@@ -277,6 +312,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             (root / "parity.md").write_text(parity_markdown(table, inputs.targets), encoding="utf-8")
             manifest = build_manifest(
                 inputs, models, compiled, target_entries, graph_bytes, file_table(root),
+                lowering_reports,
                 tokenizers={"student": STUDENT_TOKENIZER, "router": router_tokenizer},
                 reference={"outputs": REFERENCE_OUTPUTS, "samples": REFERENCE_SAMPLES},
             )

@@ -51,16 +51,28 @@ def build_manifest(
     target_entries: dict[str, dict[str, Any]],
     graph_bytes: dict[str, dict[str, int]],
     files: dict[str, dict[str, Any]],
+    lowering: dict[str, dict[str, dict[str, Any]]],
     tokenizers: dict[str, str],
     reference: dict[str, str],
 ) -> dict[str, Any]:
     from edgecompile.export import OPSET
+    from edgecompile.inputs.lowbit import describe_plan
 
     spec, router, masks = inputs.student, inputs.router, inputs.masks
     targets = list(target_entries)
-    dense = dict(compiled.dense_entry, bytes={t: graph_bytes[t]["dense"] for t in targets})
+    def lowbit(graph: str) -> dict[str, Any]:
+        reports = {}
+        for t in targets:
+            if graph in lowering.get(t, {}):
+                report = dict(lowering[t][graph])
+                report["linear_groups"] = [{k: v for k, v in g.items() if k != "values"} for g in report["linear_groups"]]
+                reports[t] = report
+        return {"lowbit": reports} if reports else {}
+
+    dense = dict(compiled.dense_entry, bytes={t: graph_bytes[t]["dense"] for t in targets}, **lowbit("dense"))
     clusters = [
-        dict(entry, files={t: graph_files(files, t, entry["graph"]) for t in targets}, bytes={t: graph_bytes[t][entry["graph"]] for t in targets})
+        dict(entry, files={t: graph_files(files, t, entry["graph"]) for t in targets},
+             bytes={t: graph_bytes[t][entry["graph"]] for t in targets}, **lowbit(entry["graph"]))
         for entry in compiled.cluster_entries
     ]
     return {
@@ -79,7 +91,7 @@ def build_manifest(
             "max_seq_length": models.student_max_length,
             "vocab_size": int(spec.config["vocab_size"]),
             "tokenizer": tokenizers["student"],
-            "precision": "fp32 (every tensor)",
+            "precision": describe_plan(models.lowbit, models.student.model),
         },
         "router": {
             "name": router.path.name,

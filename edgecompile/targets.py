@@ -22,16 +22,21 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "": {"name": (str, REQUIRED), "description": (str, "")},
     "provider": {"name": (str, REQUIRED), "options": (dict, {})},
     "shapes": {"dynamic": (bool, True), "batch": (int, 1), "sequence": (int, 128)},
-    "precision": {"mode": (str, "fp32")},
+    "precision": {"mode": (str, "fp32"), "lowbit_linear": (str, "MatMulIntegerToFloat")},
     "output": {"format": (str, "onnx"), "shared_weights": (bool, True)},
     "parity": {
         "max_relative_error": ((float, int), REQUIRED),
         "min_cosine": ((float, int), REQUIRED),
         "min_argmax_agreement": ((float, int), 1.0),
         "min_router_agreement": ((float, int), 1.0),
+        "lowbit_max_relative_error": ((float, int), 0.05),
+        "lowbit_min_cosine": ((float, int), 0.999),
     },
 }
 PRECISION_MODES = ("fp32",)
+# How binary / ternary Linears are lowered. MatMulIntegerToFloat: uint8 activations x int8 codes,
+# exact integer sums (MatMulNBits was measured and rejected: it re-quantizes activations per block).
+LOWBIT_LINEAR_KERNELS = ("MatMulIntegerToFloat",)
 OUTPUT_FORMATS = ("onnx",)
 
 
@@ -41,6 +46,9 @@ class ParityTolerances:
     min_cosine: float
     min_argmax_agreement: float = 1.0
     min_router_agreement: float = 1.0
+    # End to end, for graphs whose activations are quantized (see integer_parity.py for why).
+    lowbit_max_relative_error: float = 0.05
+    lowbit_min_cosine: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Target:
     batch: int
     sequence: int
     precision: str
+    lowbit_linear: str
     format: str
     shared_weights: bool
     parity: ParityTolerances
@@ -119,6 +128,8 @@ def load_target_file(path: Path) -> Target:
     v = _validated(path, raw)
     if v["precision"]["mode"] not in PRECISION_MODES:
         raise input_error(path, "key 'precision.mode'", " or ".join(PRECISION_MODES), repr(v["precision"]["mode"]))
+    if v["precision"]["lowbit_linear"] not in LOWBIT_LINEAR_KERNELS:
+        raise input_error(path, "key 'precision.lowbit_linear'", " or ".join(LOWBIT_LINEAR_KERNELS), repr(v["precision"]["lowbit_linear"]))
     if v["output"]["format"] not in OUTPUT_FORMATS:
         raise input_error(path, "key 'output.format'", " or ".join(OUTPUT_FORMATS), repr(v["output"]["format"]))
     for key in ("batch", "sequence"):
@@ -134,6 +145,7 @@ def load_target_file(path: Path) -> Target:
         batch=v["shapes"]["batch"],
         sequence=v["shapes"]["sequence"],
         precision=v["precision"]["mode"],
+        lowbit_linear=v["precision"]["lowbit_linear"],
         format=v["output"]["format"],
         shared_weights=v["output"]["shared_weights"],
         parity=parity,

@@ -111,3 +111,33 @@ def write_masks(
         meta = metadata
     save_file(tensors, str(path), metadata=meta)
     return Path(path)
+
+
+def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddings: bool = True) -> Path:
+    """Rewrite a checkpoint the way DeepSpeed's XTC `redundancy_clean` leaves it: every encoder Linear
+    weight replaced by sign(W) * alpha per group as dense floats, with DeepSpeed's own formulas
+    (BinaryQuantizer: alpha = norm(p=1) / n per row; TernaryQuantizer: 0.7 * mean threshold)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(str(path))
+    for name, weight in tensors.items():
+        is_linear = ".layer." in name and name.endswith("dense.weight") or any(
+            name.endswith(f"attention.self.{p}.weight") for p in ("query", "key", "value"))
+        is_embedding = embeddings and name.endswith("word_embeddings.weight")
+        if not (is_linear or is_embedding):
+            continue
+        flat = weight.reshape(weight.shape[0], -1)  # num_groups = out_features (one alpha per row)
+        if ternary_ffn and "intermediate" in name:
+            n = flat.shape[1]
+            m = flat.norm(p=1, dim=1).div(n)
+            thres = (0.7 * m).view(-1, 1)
+            pos, neg, mask = flat > thres, flat < -thres, flat.abs() > thres
+            alpha = ((mask * flat).abs().sum(dim=1) / mask.sum(dim=1)).view(-1, 1)
+            quantized = alpha * pos - alpha * neg
+        else:
+            m = flat.norm(p=1, dim=1, keepdim=True).div(flat.shape[1])
+            quantized = flat.sign().mul(m)
+        tensors[name] = quantized.reshape(weight.shape).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return directory

@@ -25,6 +25,7 @@ class BertStructure:
     num_layers: int
     num_heads: int
     head_size: int
+    lowbit_modules: frozenset[str] = frozenset()  # Linears whose weights must stay codes * alpha
 
 
 @dataclass
@@ -82,7 +83,8 @@ def _is_initializer(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.is_initializer()
 
 
-def _linear_site(module: str, nodes: list[ir.Node]) -> LinearSite | None:
+def linear_site(module: str, nodes: list[ir.Node]) -> LinearSite | None:
+    """The Linear exported from `module` (MatMul with a constant weight, then Add bias), if present."""
     matmuls = [n for n in nodes if n.op_type == "MatMul" and _is_initializer(n.inputs[1])]
     if not matmuls:
         return None
@@ -115,7 +117,7 @@ def find_bert_layers(model: ir.Model, structure: BertStructure) -> list[BertLaye
     layers = []
     for i in range(structure.num_layers):
         prefix = f"{structure.encoder_path}.layer.{i}"
-        site = {name: _linear_site(f"{prefix}.{path}", by_module.get(f"{prefix}.{path}", [])) for name, path in (
+        site = {name: linear_site(f"{prefix}.{path}", by_module.get(f"{prefix}.{path}", [])) for name, path in (
             ("query", "attention.self.query"),
             ("key", "attention.self.key"),
             ("value", "attention.self.value"),

@@ -1,6 +1,7 @@
 """Head gates: slice removed heads out of Q/K/V and the attention output projection.
 
-Kept heads' soft gates are folded into the output projection's input rows. With every head
+Kept heads' soft gates are folded into the output projection's input rows (or, for a low-bit
+projection whose weights must stay codes * alpha, applied by a Mul on its input). With every head
 removed the attention branch is just the output projection's bias. The export has no head count
 baked in (see export.py), so the shrunken weights are the whole rewrite.
 """
@@ -11,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
-from edgecompile.passes.branch_edits import branch_to_bias
+from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
 from edgecompile.passes.tensors import replace_constant_input
 
 
@@ -43,7 +44,6 @@ class PruneAttentionHeads(ir.passes.InPlacePass):
                 replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
                 replace_constant_input(graph, site.bias_add, site.bias_index, site.bias_array()[columns], f"{site.module}.bias")
             out = layer.attention_output
-            row_scale = np.repeat(gates[kept], size).astype(np.float32)[:, None]
-            weight = (out.weight_array()[columns, :] * row_scale).astype(np.float32)
-            replace_constant_input(graph, out.matmul, 1, weight, f"{out.module}.weight_t")
+            scales = np.repeat(gates[kept], size).astype(np.float32)
+            scale_linear_input(graph, out, out.weight_array()[columns, :], scales, out.module in self.structure.lowbit_modules)
         return ir.passes.PassResult(model, modified=modified)

@@ -1,6 +1,7 @@
 """Neuron gates: slice removed FFN intermediate neurons out of both FFN projections.
 
-Kept neurons' soft gates are folded into the output projection's input rows. With every neuron
+Kept neurons' soft gates are folded into the output projection's input rows (or, for a low-bit
+projection, applied by a Mul on its input). With every neuron
 removed the FFN branch is just the output projection's bias.
 """
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
-from edgecompile.passes.branch_edits import branch_to_bias
+from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
 from edgecompile.passes.tensors import replace_constant_input
 
 
@@ -35,6 +36,5 @@ class PruneFfnNeurons(ir.passes.InPlacePass):
             up, down = layer.intermediate, layer.ffn_output
             replace_constant_input(graph, up.matmul, 1, up.weight_array()[:, kept], f"{up.module}.weight_t")
             replace_constant_input(graph, up.bias_add, up.bias_index, up.bias_array()[kept], f"{up.module}.bias")
-            weight = (down.weight_array()[kept, :] * gates[kept].astype(np.float32)[:, None]).astype(np.float32)
-            replace_constant_input(graph, down.matmul, 1, weight, f"{down.module}.weight_t")
+            scale_linear_input(graph, down, down.weight_array()[kept, :], gates[kept], down.module in self.structure.lowbit_modules)
         return ir.passes.PassResult(model, modified=modified)

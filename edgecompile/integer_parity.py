@@ -1,0 +1,120 @@
+"""Teacher-forced exactness of low-bit Linears: same input, same integers.
+
+End to end, a quantized graph and its PyTorch reference can legitimately drift: a one-ulp float
+difference upstream (LayerNorm, softmax, GELU) can move x / s across a rounding boundary and flip
+an activation code, and flips compound through the layers. So the integer kernels are proven
+separately: for every lowered Linear group, the input onnxruntime actually fed to the quantizer
+is captured and given to the reference `QuantLinear`; the activation codes must be identical and
+the outputs must agree within the target's strict `max_relative_error` (only float rescaling may
+differ). Pruned clusters are handled by scattering the kept input features back to full width
+(removed features are exactly 0 in the reference, as its gates make them) and slicing the outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import torch
+
+from edgecompile.inputs.masks import ClusterMasks
+from edgecompile.parity import Comparison, _batches
+from edgecompile.passes.prune_attention_heads import head_columns
+from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
+from edgecompile.runtime import session_options
+from edgecompile.targets import Target
+from edgecompile.tokens import Encoded
+
+_ROLE = re.compile(r"\.layer\.(\d+)\.(attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$")
+
+
+def _projection(module: str, masks: ClusterMasks | None, head_size: int) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    """(kept input features, kept output features, output scale) of one Linear in a cluster."""
+    match = _ROLE.search(module)
+    if masks is None or match is None:
+        return None, None, 1.0
+    layer, role = int(match.group(1)), match.group(2)
+    heads = head_columns(np.flatnonzero(masks.heads[layer] != 0), head_size)
+    neurons = np.flatnonzero(masks.neurons[layer] != 0)
+    if role.startswith("attention.self"):
+        return None, heads, 1.0
+    if role == "attention.output.dense":
+        return heads, None, float(masks.blocks[layer, 0])
+    if role == "intermediate.dense":
+        return None, neurons, 1.0
+    return neurons, None, float(masks.blocks[layer, 1])
+
+
+def check_integer_linears(
+    target: Target,
+    graph_name: str,
+    model: ir.Model,
+    groups: list[dict[str, Any]],
+    reference: dict[str, QuantLinear],
+    masks: ClusterMasks | None,
+    head_size: int,
+    samples: list[Encoded],
+    threads: int = 0,
+) -> Comparison:
+    debug = model.clone()
+    values = {v.name: v for n in debug.graph for v in n.outputs}
+    values.update({v.name: v for v in debug.graph.inputs})
+    wanted = []
+    for group in groups:
+        for key in ("input", "codes", "output"):
+            name = group["values"][key]
+            if values[name] not in debug.graph.outputs:
+                debug.graph.outputs.append(values[name])
+            wanted.append(name)
+    session = ort.InferenceSession(ir.to_proto(debug).SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    inputs = [i.name for i in session.get_inputs()]
+    captured: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    for _, feed in _batches(samples, target):
+        results = dict(zip(names, session.run(names, {k: feed[k] for k in inputs})))
+        for name in wanted:
+            captured[name].append(results[name])
+
+    mismatched = total = 0
+    worst_abs = worst_rel = 0.0
+    with torch.no_grad():
+        for group in groups:
+            quant_names = [m.removeprefix("model.") for m in group["modules"]]
+            for batch in range(len(captured[group["values"]["input"]])):
+                x = captured[group["values"]["input"]][batch]
+                codes = captured[group["values"]["codes"]][batch].astype(np.int32).reshape(x.shape) - 128
+                y_onnx = captured[group["values"]["output"]][batch]
+                expected_codes, outputs = None, []
+                for module, name in zip(group["modules"], quant_names):
+                    linear = reference[name]
+                    kept_in, kept_out, out_scale = _projection(module, masks, head_size)
+                    full = np.zeros(x.shape[:-1] + (linear.in_features,), np.float32)
+                    if kept_in is None:
+                        full[...] = x
+                    else:
+                        full[..., kept_in] = x
+                    xt = torch.from_numpy(full)
+                    if expected_codes is None:
+                        q = quantize_activation(xt, activation_scale(xt, linear.mode, linear.static_scale)).numpy()
+                        expected_codes = q if kept_in is None else q[..., kept_in]
+                    y = linear(xt).numpy()
+                    y = y if kept_out is None else y[..., kept_out]
+                    outputs.append(y * np.float32(out_scale) if out_scale != 1.0 else y)
+                y_ref = np.concatenate(outputs, axis=-1)
+                mismatched += int(np.count_nonzero(expected_codes.astype(np.int32) != codes))
+                total += int(codes.size)
+                error = float(np.abs(y_onnx.astype(np.float64) - y_ref).max()) if y_ref.size else 0.0
+                scale = float(np.abs(y_ref).max()) if y_ref.size else 0.0
+                worst_abs = max(worst_abs, error)
+                worst_rel = max(worst_rel, error / scale if scale > 0 else 0.0)
+    agreement = 1.0 - mismatched / total if total else 1.0
+    row = Comparison(target.name, graph_name, f"{len(groups)} integer Linear groups (same input)", len(samples),
+                     worst_abs, worst_rel, None, agreement)
+    if mismatched:
+        row.failures.append(f"{mismatched} of {total} activation codes differ")
+    if worst_rel > target.parity.max_relative_error:
+        row.failures.append(f"max rel error {worst_rel:.3g} > {target.parity.max_relative_error:g}")
+    return row
