@@ -232,10 +232,11 @@ def _write_tokenizers(root: Path, inputs: ValidatedInputs, models: LoadedModels)
 
 
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
-    from edgecompile.bundle import Staging, file_table, write_graphs, write_json
-    from edgecompile.lowering import GraphLowBit, lower_for_target
-    from edgecompile.manifest import build_manifest, target_entry
-    from edgecompile.parity import check_target, parity_json, parity_markdown, parity_table
+    from edgecompile.bundle import Staging, file_table, write_json
+    from edgecompile.lowering import GraphLowBit
+    from edgecompile.manifest import build_manifest
+    from edgecompile.target_build import build_target
+    from edgecompile.parity import parity_json, parity_markdown, parity_table
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
     from edgecompile.integer_parity import check_integer_linears
     from edgecompile.reference.lowbit import QuantizedLinears, QuantLinear
@@ -267,37 +268,31 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             quantized.remove()
         reference["router"] = router_outputs(models.router, models.router_samples)
 
+    graph_lowbit = GraphLowBit.from_plan(models.lowbit)
+    hf_modules = dict(models.student.model.named_modules())
+    quant_reference = {p.module: QuantLinear(hf_modules[p.module], p.activation, p.static_scale) for p in models.lowbit.linears}
+    masks_by_graph = {f"cluster_{c.index}": c for c in masks.clusters}
+
+    def integer_check(target, lowered, lowering) -> list:
+        """Teacher-forced exactness of every integer-lowered low-bit Linear group (see integer_parity.py)."""
+        groups = {n: r["lowbit"]["linear_groups"] for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")}
+        if not groups or not quant_reference:
+            return []
+        with progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
+            return [check_integer_linears(target, name, lowered[name], g, quant_reference, masks_by_graph.get(name),
+                                          spec.head_size, models.student_samples, request.threads)
+                    for name, g in groups.items()]
+
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
         results, target_entries, graph_bytes, lowering_reports = [], {}, {}, {}
-        graph_lowbit = GraphLowBit.from_plan(models.lowbit)
-        hf_modules = dict(models.student.model.named_modules())
-        quant_reference = {p.module: QuantLinear(hf_modules[p.module], p.activation, p.static_scale) for p in models.lowbit.linears}
-        masks_by_graph = {f"cluster_{c.index}": c for c in masks.clusters}
         for target in inputs.targets:
-            with progress.step(f"lowering graphs for target '{target.name}'"):
-                lowered, lowering_reports[target.name] = lower_for_target(compiled.graphs, target, graph_lowbit)
-            integer_rows = []
-            if lowering_reports[target.name] and quant_reference:
-                with progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
-                    for name, report in lowering_reports[target.name].items():
-                        integer_rows.append(check_integer_linears(
-                            target, name, lowered[name], report["linear_groups"], quant_reference,
-                            masks_by_graph.get(name), spec.head_size, models.student_samples, request.threads,
-                        ))
-            with progress.step(f"writing graphs for target '{target.name}'"):
-                needs = write_graphs(root / target.name, [(f"{n}.onnx", m) for n, m in lowered.items()], target.shared_weights)
-                graph_bytes[target.name] = {name.removesuffix(".onnx"): size for name, size in needs.items()}
-                target_entries[target.name] = target_entry(target, lowered)
-            with progress.step(f"parity on '{target.name}' ({target.provider})"):
-                paths = {name: root / target.name / f"{name}.onnx" for name in lowered}
-                result = check_target(
-                    target, paths, reference, models.student_samples, models.router_samples, request.threads,
-                    progress=lambda graph: progress.note(f"running {graph}"),
-                    lowbit_graphs=frozenset(n for n, r in lowering_reports[target.name].items() if r["linear_groups"]),
-                )
-                result.rows += integer_rows
-                results.append(result)
+            outcome = build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check,
+                                   request.threads, progress)
+            results.append(outcome.parity)
+            target_entries[target.name] = outcome.entry
+            graph_bytes[target.name] = outcome.graph_bytes
+            lowering_reports[target.name] = outcome.lowering
 
         table = parity_table(results)
         if not all(r.passed for r in results):

@@ -62,6 +62,9 @@ class Staging:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def commit(self) -> None:
+        from edgecompile import interrupt
+
+        interrupt.check()  # never publish a bundle after Ctrl-C / SIGTERM was requested
         check_out_dir(self.out, self.force)
         old = None
         if self.out.exists():

@@ -147,16 +147,17 @@ def targets() -> None:
     for name, path in available_targets().items():
         target = load_target_file(path)
         shapes = "dynamic" if target.dynamic_shapes else f"fixed {target.batch}x{target.sequence}"
-        click.echo(f"{name:<10} {target.provider:<28} {target.precision:<8} {shapes:<14} {target.description}  [{path}]")
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+        where = "runs here" if target.runs_here else "not runnable here (estimated placement, CPU parity)"
+        click.echo(f"{name:<10} {target.provider:<28} {target.precision:<5} {shapes:<14} {target.format:<5} {where}\n"
+                   f"{'':<10} {target.description}  [{path}]")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and an exit code, never a traceback."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    from edgecompile import interrupt
+
+    signal.signal(signal.SIGTERM, interrupt.request)
+    signal.signal(signal.SIGINT, interrupt.request)
     try:
         cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
     except click.exceptions.Abort:

@@ -25,6 +25,10 @@ class ParityError(EdgecompileError):
     exit_code = 3
 
 
+class PlacementError(ParityError):
+    """Nodes off the target EP on a target that forbids fallback (same exit code as a parity miss)."""
+
+
 class EnvironmentProblem(EdgecompileError):
     exit_code = 4
 

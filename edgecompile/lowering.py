@@ -1,21 +1,22 @@
 """Per-target lowering: target-independent graphs in, the graphs a target's files hold out.
 
-Which passes run is decided by the target's data (precision, shapes, format), never by its name.
-The inputs are never modified: every target works on clones sharing the export's tensors.
+A target lists its steps by name (`[lowering] steps = [...]` in its TOML); STEPS maps each name
+to a function (model, context) -> model. Nothing here branches on a target's name. The inputs are
+never modified: every target works on clones sharing the export's tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
 
 from edgecompile.inputs.lowbit import LowBitPlan
-from edgecompile.passes.lower_lowbit_embedding import LowerLowBitEmbedding
-from edgecompile.passes.lower_lowbit_linears import ActivationQuant, LowerLowBitLinears
-from edgecompile.targets import Target
+from edgecompile.passes.lower_lowbit_linears import ActivationQuant
 
 STUDENT_PREFIX = "model."  # StudentModule keeps the Hugging Face model as `.model`
 
@@ -39,10 +40,29 @@ class GraphLowBit:
         )
 
 
-def _lower_lowbit_integer(model: ir.Model, lowbit: GraphLowBit) -> dict[str, Any]:
-    linears = LowerLowBitLinears(lowbit.linears)
+@dataclass
+class LoweringContext:
+    target: Any  # targets.Target
+    graph: str  # "router", "dense", "cluster_<k>"
+    lowbit: GraphLowBit
+    calibration: list[dict[str, np.ndarray]]  # target-shaped feeds for this graph
+    report: dict[str, Any] = field(default_factory=dict)  # what the steps did, for the manifest
+
+    @property
+    def is_student(self) -> bool:
+        return self.graph != "router"
+
+
+def lower_lowbit_integer(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Binary / ternary Linears -> QuantizeLinear + MatMulIntegerToFloat; packed word embeddings."""
+    from edgecompile.passes.lower_lowbit_embedding import LowerLowBitEmbedding
+    from edgecompile.passes.lower_lowbit_linears import LowerLowBitLinears
+
+    if not ctx.is_student or ctx.lowbit.empty:
+        return model
+    linears = LowerLowBitLinears(ctx.lowbit.linears)
     passes: list[ir.passes.PassBase] = [linears]
-    embedding = LowerLowBitEmbedding(lowbit.embedding) if lowbit.embedding else None
+    embedding = LowerLowBitEmbedding(ctx.lowbit.embedding) if ctx.lowbit.embedding else None
     if embedding:
         passes.append(embedding)
     ir.passes.PassManager(passes + [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), NameFixPass()])(model)
@@ -50,22 +70,89 @@ def _lower_lowbit_integer(model: ir.Model, lowbit: GraphLowBit) -> dict[str, Any
         group["values"] = {key: value.name for key, value in group["values"].items()}
     packed = sum(g["packed_bytes"] for g in linears.lowered)
     fp32 = sum(g["fp32_bytes"] for g in linears.lowered)
-    return {
+    ctx.report["lowbit"] = {
         "linear_groups": linears.lowered,
         "linear_weight_bytes": {"packed": packed, "fp32": fp32, "ratio": round(fp32 / packed, 2) if packed else None},
         "word_embeddings": embedding.lowered if embedding else None,
     }
+    return model
+
+
+def lowbit_weights_to_dequantize(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Binary / ternary weights as exact int8 codes behind DequantizeLinear (QDQ targets)."""
+    from edgecompile.passes.lowbit_weights_to_dequantize import CODE_SCALE, LowBitWeightsToDequantize
+
+    if not ctx.is_student or ctx.lowbit.empty:
+        return model
+    converter = LowBitWeightsToDequantize(list(ctx.lowbit.linears), ctx.lowbit.embedding)
+    ir.passes.PassManager([converter, RemoveUnusedNodesPass()])(model)
+    ctx.report["lowbit"] = {"exact_codes_as": f"int8 codes x {CODE_SCALE} with per-channel scale alpha / {CODE_SCALE}",
+                            "modules": converter.converted}
+    return model
+
+
+def fix_shapes(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    from edgecompile.passes.fix_shapes import FixBatchAndSequence
+
+    FixBatchAndSequence(ctx.target.batch, ctx.target.sequence)(model)
+    ctx.report["shapes"] = [ctx.target.batch, ctx.target.sequence]
+    return model
+
+
+def qnn_preprocess(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    from edgecompile.qdq import qnn_preprocess as run
+
+    return run(model)
+
+
+def clamp_attention_mask(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    from edgecompile.passes.clamp_huge_constants import ClampHugeConstants
+
+    clamp = ClampHugeConstants()
+    clamp(model)
+    ctx.report["clamped_constants"] = len(clamp.replaced)
+    return model
+
+
+def quantize_qdq(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    from edgecompile.qdq import quantize_static_qdq
+
+    t = ctx.target
+    model = quantize_static_qdq(model, ctx.calibration, t.activations, t.weights, t.matmul_weights)
+    ctx.report["qdq"] = {"activations": t.activations, "weights": t.weights, "matmul_weights": t.matmul_weights,
+                         "calibration": f"{t.calibration} over {len(ctx.calibration)} samples"}
+    return model
+
+
+STEPS: dict[str, Callable[[ir.Model, LoweringContext], ir.Model]] = {
+    "lower_lowbit_integer": lower_lowbit_integer,
+    "lowbit_weights_to_dequantize": lowbit_weights_to_dequantize,
+    "fix_shapes": fix_shapes,
+    "qnn_preprocess": qnn_preprocess,
+    "clamp_attention_mask": clamp_attention_mask,
+    "quantize_qdq": quantize_qdq,
+}
 
 
 def lower_for_target(
-    graphs: dict[str, ir.Model], target: Target, lowbit: GraphLowBit | None = None
+    graphs: dict[str, ir.Model],
+    target: Any,
+    lowbit: GraphLowBit | None = None,
+    calibration: dict[str, list[dict[str, np.ndarray]]] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, ir.Model], dict[str, dict[str, Any]]]:
-    """Returns the graphs to write and, per student graph, what the low-bit lowering did."""
+    """Returns the graphs to write and, per graph, what the steps did.
+
+    `calibration`: target-shaped feeds keyed "student" / "router" (needed by quantize_qdq).
+    """
     lowered, reports = {}, {}
     for name, graph in graphs.items():
+        ctx = LoweringContext(target, name, lowbit or GraphLowBit(), (calibration or {}).get("router" if name == "router" else "student", []))
         model = graph.clone()
-        if name != "router" and lowbit is not None and not lowbit.empty:
-            if target.lowbit_linear == "MatMulIntegerToFloat":
-                reports[name] = _lower_lowbit_integer(model, lowbit)
+        for step in target.steps:
+            if progress:
+                progress(f"{name}: {step}")
+            model = STEPS[step](model, ctx)
         lowered[name] = model
+        reports[name] = ctx.report
     return lowered, reports

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgecompile.bundle import SCHEMA_VERSION, WEIGHTS, graph_signature, sha256_file
-from edgecompile.targets import Target, target_to_dict
+from edgecompile.bundle import SCHEMA_VERSION, WEIGHTS, sha256_file
 
 
 def tool_versions() -> dict[str, str]:
@@ -24,23 +23,10 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def target_entry(target: Target, graphs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "provider": target.provider,
-        "precision": target.precision,
-        "dynamic_shapes": target.dynamic_shapes,
-        **({} if target.dynamic_shapes else {"batch": target.batch, "sequence": target.sequence}),
-        "format": target.format,
-        "shared_weights": target.shared_weights,
-        "definition": target.source.name,
-        "target": target_to_dict(target),
-        "graphs": {name: {"file": f"{target.name}/{name}.onnx", **graph_signature(model)} for name, model in graphs.items()},
-    }
-
-
-def graph_files(files: dict[str, dict[str, Any]], target: str, graph: str) -> dict[str, str]:
+def graph_files(files: dict[str, dict[str, Any]], entry: dict[str, Any], target: str, graph: str) -> dict[str, str]:
     """The files one graph needs on a target, with their sha256."""
-    names = [f"{target}/{graph}.onnx"] + ([f"{target}/{WEIGHTS}"] if f"{target}/{WEIGHTS}" in files else [])
+    own = entry["graphs"][graph]["file"]
+    names = [own] + ([f"{target}/{WEIGHTS}"] if own.endswith(".onnx") and f"{target}/{WEIGHTS}" in files else [])
     return {name: files[name]["sha256"] for name in names}
 
 
@@ -61,17 +47,13 @@ def build_manifest(
     spec, router, masks = inputs.student, inputs.router, inputs.masks
     targets = list(target_entries)
     def lowbit(graph: str) -> dict[str, Any]:
-        reports = {}
-        for t in targets:
-            if graph in lowering.get(t, {}):
-                report = dict(lowering[t][graph])
-                report["linear_groups"] = [{k: v for k, v in g.items() if k != "values"} for g in report["linear_groups"]]
-                reports[t] = report
+        reports = {t: target_entries[t]["lowering"][graph]["lowbit"] for t in targets
+                   if "lowbit" in target_entries[t]["lowering"].get(graph, {})}
         return {"lowbit": reports} if reports else {}
 
     dense = dict(compiled.dense_entry, bytes={t: graph_bytes[t]["dense"] for t in targets}, **lowbit("dense"))
     clusters = [
-        dict(entry, files={t: graph_files(files, t, entry["graph"]) for t in targets},
+        dict(entry, files={t: graph_files(files, target_entries[t], t, entry["graph"]) for t in targets},
              bytes={t: graph_bytes[t][entry["graph"]] for t in targets}, **lowbit(entry["graph"]))
         for entry in compiled.cluster_entries
     ]

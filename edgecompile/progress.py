@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from edgecompile import interrupt
+
 
 class Progress:
     def __init__(self, quiet: bool = False) -> None:
@@ -20,11 +22,13 @@ class Progress:
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
+        interrupt.check()
         if not self.quiet:
             print(f"==> {name}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             yield
+            interrupt.check()
         finally:
             elapsed = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + elapsed

@@ -1,13 +1,24 @@
-"""onnxruntime sessions for a target: the one place that knows how to reach an execution provider."""
+"""onnxruntime sessions for a target: the one place that knows how to reach an execution provider.
+
+Built-in EPs are requested by name. Plugin EPs (onnxruntime >= 1.24, e.g. the `onnxruntime-qnn`
+package) are registered once per process from the library their Python package names, then
+selected by device; their provider options may include paths the package computes (the QNN HTP
+backend library). A strict session disables CPU fallback, so onnxruntime itself refuses to run
+a graph with any node off the target EP.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
 from edgecompile.errors import EdgecompileError, EnvironmentProblem, one_line
 from edgecompile.targets import Target
+
+_REGISTERED: set[str] = set()
 
 
 def session_options(threads: int = 0) -> ort.SessionOptions:
@@ -18,15 +29,60 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def create_session(path: Path, target: Target, threads: int = 0) -> ort.InferenceSession:
-    options = session_options(threads)
+def _plugin_module(target: Target) -> Any:
+    try:
+        return importlib.import_module(target.plugin_module)
+    except ImportError:
+        hint = f"; install it with: {target.install}" if target.install else ""
+        raise EnvironmentProblem(
+            f"target '{target.name}': {target.provider} needs the Python package providing '{target.plugin_module}'{hint}"
+        ) from None
+
+
+def provider_options(target: Target) -> dict[str, str]:
+    options = dict(target.provider_options)
+    if target.plugin_module:
+        module = _plugin_module(target)
+        options.update({key: str(getattr(module, function)()) for key, function in target.plugin_option_paths.items()})
+    return options
+
+
+def _plugin_devices(target: Target) -> list[Any]:
+    module = _plugin_module(target)
+    if target.provider not in _REGISTERED:
+        ort.register_execution_provider_library(target.provider, str(getattr(module, target.plugin_library)()))
+        _REGISTERED.add(target.provider)
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == target.provider]
+    if not devices:
+        raise EnvironmentProblem(f"target '{target.name}': {target.provider} registered but offers no device on this machine")
+    return devices
+
+
+def configure(options: ort.SessionOptions, target: Target, strict: bool) -> list[Any] | None:
+    """Attach the target's EP to `options`; returns the `providers` argument for InferenceSession."""
+    if not target.runs_here or target.provider == "CPUExecutionProvider":
+        return ["CPUExecutionProvider"]
+    if strict:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if target.plugin_module:
+        options.add_provider_for_devices(_plugin_devices(target), provider_options(target))
+        return None
     available = ort.get_available_providers()
     if target.provider not in available:
+        hint = f"; install it with: {target.install}" if target.install else ""
         raise EnvironmentProblem(
-            f"target '{target.name}': execution provider {target.provider} is not available in this onnxruntime "
-            f"(available: {', '.join(available)})"
+            f"target '{target.name}': {target.provider} is not in this onnxruntime (available: {', '.join(available)}){hint}"
         )
+    return [(target.provider, provider_options(target)), "CPUExecutionProvider"]
+
+
+def create_session(path: Path, target: Target, threads: int = 0, strict: bool | None = None) -> ort.InferenceSession:
+    """A session on the target's parity EP; strict (default: the target's strict_placement) disables fallback."""
+    options = session_options(threads)
+    providers = configure(options, target, target.strict_placement if strict is None else strict)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=[(target.provider, target.provider_options)])
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except EdgecompileError:
+        raise
     except Exception as exc:
-        raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.provider} ({one_line(exc)})") from None
+        raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None

@@ -2,7 +2,8 @@
 
 `load_target("cpu")` finds `cpu.toml` among the shipped targets and the folders in
 $EDGECOMPILE_TARGETS_PATH; `load_target("path/to/my.toml")` reads that file. Every key is
-checked against SCHEMA: an unknown key or a wrong type is rejected naming the key.
+checked against SCHEMA: an unknown key or a wrong type is rejected naming the key. What a target
+does to the graphs is its `lowering.steps` list (names from lowering.STEPS), not code branches.
 """
 
 from __future__ import annotations
@@ -16,28 +17,53 @@ from typing import Any
 
 from edgecompile.errors import InputError, input_error, one_line
 
-# section -> key -> (python type(s), default). A default of REQUIRED must be given.
 REQUIRED = object()
-SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
-    "": {"name": (str, REQUIRED), "description": (str, "")},
-    "provider": {"name": (str, REQUIRED), "options": (dict, {})},
-    "shapes": {"dynamic": (bool, True), "batch": (int, 1), "sequence": (int, 128)},
-    "precision": {"mode": (str, "fp32"), "lowbit_linear": (str, "MatMulIntegerToFloat")},
-    "output": {"format": (str, "onnx"), "shared_weights": (bool, True)},
+# section -> key -> (python type(s), default, allowed values or None)
+SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
+    "": {"name": (str, REQUIRED, None), "description": (str, "", None)},
+    "provider": {
+        "name": (str, REQUIRED, None),
+        "options": (dict, {}, None),
+        # False: the EP cannot run on this machine; artifacts are checked on the CPU EP and the
+        # report says so.
+        "runs_here": (bool, True, None),
+        # EP shipped as a plugin library by a Python package (onnxruntime >= 1.24 plugin EPs).
+        "plugin_module": (str, "", None),
+        "plugin_library": (str, "", None),  # function of plugin_module returning the library path
+        "plugin_option_paths": (dict, {}, None),  # provider option -> function of plugin_module returning a path
+        "install": (str, "", None),  # the command that provides the EP, shown when it is missing
+    },
+    "shapes": {"dynamic": (bool, True, None), "batch": (int, 1, None), "sequence": (int, 128, None)},
+    "lowering": {"steps": (list, [], None)},
+    "precision": {
+        "mode": (str, "fp32", ("fp32", "qdq")),
+        # qdq: activation / default weight types and calibration (onnxruntime.quantization)
+        "activations": (str, "uint16", ("uint16", "uint8")),
+        "weights": (str, "uint8", ("uint8",)),
+        "matmul_weights": (str, "int8-per-channel", ("int8-per-channel", "per-tensor")),
+        "calibration": (str, "minmax", ("minmax",)),
+    },
+    "output": {
+        "format": (str, "onnx", ("onnx", "ort")),
+        "shared_weights": (bool, True, None),
+        "ort_level": (str, "basic", ("basic", "extended", "all")),
+        "epcontext": (bool, False, None),
+    },
     "parity": {
-        "max_relative_error": ((float, int), REQUIRED),
-        "min_cosine": ((float, int), REQUIRED),
-        "min_argmax_agreement": ((float, int), 1.0),
-        "min_router_agreement": ((float, int), 1.0),
-        "lowbit_max_relative_error": ((float, int), 0.05),
-        "lowbit_min_cosine": ((float, int), 0.999),
+        "max_relative_error": ((float, int), REQUIRED, None),
+        "min_cosine": ((float, int), REQUIRED, None),
+        "min_argmax_agreement": ((float, int), 1.0, None),
+        "min_router_agreement": ((float, int), 1.0, None),
+        "lowbit_max_relative_error": ((float, int), 0.05, None),
+        "lowbit_min_cosine": ((float, int), 0.999, None),
+    },
+    "placement": {
+        # "session": ask onnxruntime (runs_here targets); otherwise a static checker by name
+        "checker": (str, "session", ("session", "nnapi", "coreml-mlprogram", "coreml-neuralnetwork", "xnnpack")),
+        # True: a graph with any node off the target EP fails the build (fallback disabled)
+        "strict": (bool, False, None),
     },
 }
-PRECISION_MODES = ("fp32",)
-# How binary / ternary Linears are lowered. MatMulIntegerToFloat: uint8 activations x int8 codes,
-# exact integer sums (MatMulNBits was measured and rejected: it re-quantizes activations per block).
-LOWBIT_LINEAR_KERNELS = ("MatMulIntegerToFloat",)
-OUTPUT_FORMATS = ("onnx",)
 
 
 @dataclass(frozen=True)
@@ -57,15 +83,33 @@ class Target:
     description: str
     provider: str
     provider_options: dict[str, Any]
+    runs_here: bool
+    plugin_module: str
+    plugin_library: str
+    plugin_option_paths: dict[str, str]
+    install: str
     dynamic_shapes: bool
     batch: int
     sequence: int
+    steps: tuple[str, ...]
     precision: str
-    lowbit_linear: str
+    activations: str
+    weights: str
+    matmul_weights: str
+    calibration: str
     format: str
     shared_weights: bool
+    ort_level: str
+    epcontext: bool
+    placement_checker: str
+    strict_placement: bool
     parity: ParityTolerances
     source: Path = field(compare=False, default=Path())
+
+    @property
+    def parity_provider(self) -> str:
+        """The EP parity runs on: the target's own, or the CPU EP when it cannot run here."""
+        return self.provider if self.runs_here else "CPUExecutionProvider"
 
 
 def search_dirs() -> list[Path]:
@@ -82,11 +126,11 @@ def available_targets() -> dict[str, Path]:
     return found
 
 
-def _type_name(kind: type | tuple[type, ...]) -> str:
+def _type_name(kind: Any) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if set(kinds) == {float, int}:
         return "number"
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "table"}
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "table", list: "array"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
 
 
@@ -102,14 +146,17 @@ def _validated(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if name not in SCHEMA[section]:
                 known = ", ".join(f"{section}.{k}" if section else k for k in SCHEMA[section])
                 raise input_error(path, f"key '{dotted}'", f"one of {known}", "an unknown key")
-            kind, _ = SCHEMA[section][name]
-            if isinstance(item, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            kind, _, allowed = SCHEMA[section][name]
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            if isinstance(item, bool) and bool not in kinds:
                 raise input_error(path, f"key '{dotted}'", _type_name(kind), f"boolean {item}")
             if not isinstance(item, kind):
                 raise input_error(path, f"key '{dotted}'", _type_name(kind), f"{type(item).__name__} {item!r}")
+            if allowed is not None and item not in allowed:
+                raise input_error(path, f"key '{dotted}'", " or ".join(repr(a) for a in allowed), repr(item))
             values[section][name] = item
     for section, keys in SCHEMA.items():
-        for name, (_, default) in keys.items():
+        for name, (_, default, _) in keys.items():
             if name not in values[section]:
                 if default is REQUIRED:
                     dotted = f"{section}.{name}" if section else name
@@ -119,37 +166,49 @@ def _validated(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def load_target_file(path: Path) -> Target:
+    from edgecompile.lowering import STEPS
+
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: target file not found") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: not readable TOML ({one_line(exc)})") from None
-    v = _validated(path, raw)
-    if v["precision"]["mode"] not in PRECISION_MODES:
-        raise input_error(path, "key 'precision.mode'", " or ".join(PRECISION_MODES), repr(v["precision"]["mode"]))
-    if v["precision"]["lowbit_linear"] not in LOWBIT_LINEAR_KERNELS:
-        raise input_error(path, "key 'precision.lowbit_linear'", " or ".join(LOWBIT_LINEAR_KERNELS), repr(v["precision"]["lowbit_linear"]))
-    if v["output"]["format"] not in OUTPUT_FORMATS:
-        raise input_error(path, "key 'output.format'", " or ".join(OUTPUT_FORMATS), repr(v["output"]["format"]))
+    v = _validated(Path(path), raw)
     for key in ("batch", "sequence"):
         if v["shapes"][key] < 1:
             raise input_error(path, f"key 'shapes.{key}'", "a positive integer", v["shapes"][key])
-    parity = ParityTolerances(**{k: float(x) for k, x in v["parity"].items()})
+    for step in v["lowering"]["steps"]:
+        if step not in STEPS:
+            raise input_error(path, "key 'lowering.steps'", f"names among {', '.join(STEPS)}", repr(step))
+    provider = v["provider"]
     return Target(
         name=v[""]["name"],
         description=v[""]["description"],
-        provider=v["provider"]["name"],
-        provider_options=dict(v["provider"]["options"]),
+        provider=provider["name"],
+        provider_options={k: str(x) for k, x in provider["options"].items()},
+        runs_here=provider["runs_here"],
+        plugin_module=provider["plugin_module"],
+        plugin_library=provider["plugin_library"],
+        plugin_option_paths={k: str(x) for k, x in provider["plugin_option_paths"].items()},
+        install=provider["install"],
         dynamic_shapes=v["shapes"]["dynamic"],
         batch=v["shapes"]["batch"],
         sequence=v["shapes"]["sequence"],
+        steps=tuple(v["lowering"]["steps"]),
         precision=v["precision"]["mode"],
-        lowbit_linear=v["precision"]["lowbit_linear"],
+        activations=v["precision"]["activations"],
+        weights=v["precision"]["weights"],
+        matmul_weights=v["precision"]["matmul_weights"],
+        calibration=v["precision"]["calibration"],
         format=v["output"]["format"],
         shared_weights=v["output"]["shared_weights"],
-        parity=parity,
-        source=path,
+        ort_level=v["output"]["ort_level"],
+        epcontext=v["output"]["epcontext"],
+        placement_checker=v["placement"]["checker"],
+        strict_placement=v["placement"]["strict"],
+        parity=ParityTolerances(**{k: float(x) for k, x in v["parity"].items()}),
+        source=Path(path),
     )
 
 
@@ -168,8 +227,9 @@ def target_to_dict(target: Target) -> dict[str, Any]:
     """What a bundle records so `verify` can re-run parity exactly as the build did."""
     data = asdict(target)
     data.pop("source")
+    data["steps"] = list(target.steps)
     return data
 
 
 def target_from_dict(data: dict[str, Any]) -> Target:
-    return Target(**{**data, "parity": ParityTolerances(**data["parity"])})
+    return Target(**{**data, "steps": tuple(data["steps"]), "parity": ParityTolerances(**data["parity"])})

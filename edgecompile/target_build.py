@@ -1,0 +1,144 @@
+"""One target's folder in the bundle: lower, write, report placement, convert, check parity.
+
+Order matters: placement is read from the .onnx files as written (an estimate needs the original
+graph, not an optimized copy); a strict target fails before parity if any node is off its EP;
+ORT-format targets then replace their .onnx files by self-contained .ort files, and parity runs
+on exactly what ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecompile.errors import PlacementError
+from edgecompile.parity import TargetParity, _batches, check_target
+from edgecompile.placement import PlacementReport
+from edgecompile.progress import Progress
+from edgecompile.targets import Target, target_to_dict
+
+REQUIRED_OPERATORS = "required_operators.config"
+
+
+@dataclass
+class TargetOutcome:
+    entry: dict[str, Any]  # the manifest's targets[name]
+    parity: TargetParity
+    graph_bytes: dict[str, int]
+    lowering: dict[str, dict[str, Any]]
+
+
+def calibration_feeds(target: Target, models: Any) -> dict[str, list]:
+    if "quantize_qdq" not in target.steps:
+        return {}
+    return {
+        "student": [feed for _, feed in _batches(models.student_samples, target)],
+        "router": [feed for _, feed in _batches(models.router_samples, target)],
+    }
+
+
+def placement_of(path: Path, target: Target, graph: str) -> PlacementReport:
+    if target.placement_checker == "session":
+        from edgecompile.placement_session import session_placement
+
+        return session_placement(path, target, graph)
+    from edgecompile.placement_static import static_placement
+
+    return static_placement(path, target.placement_checker, graph)
+
+
+def placement_failure(target: Target, reports: list[PlacementReport]) -> PlacementError:
+    lines = [f"placement failed on '{target.name}': nodes off {target.provider} with fallback disabled (placement.strict)"]
+    for report in reports:
+        for group in report.unsupported:
+            shown = ", ".join(group.nodes[:4]) + (f" (+{len(group.nodes) - 4} more)" if len(group.nodes) > 4 else "")
+            lines.append(f"  {report.graph}: {group.op_type} x{len(group.nodes)} [{shown}]: {group.reason}")
+    return PlacementError("\n".join(lines))
+
+
+def build_target(
+    target: Target,
+    root: Path,
+    graphs: dict[str, Any],
+    models: Any,
+    reference: dict[str, Any],
+    lowbit: Any,
+    integer_check: Any,
+    threads: int,
+    progress: Progress,
+) -> TargetOutcome:
+    from edgecompile.bundle import WEIGHTS, graph_signature, write_graphs
+    from edgecompile.lowering import lower_for_target
+
+    folder = root / target.name
+    with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
+        lowered, lowering = lower_for_target(
+            graphs, target, lowbit, calibration_feeds(target, models),
+            progress=progress.note if "quantize_qdq" in target.steps else None,
+        )
+    integer_rows = integer_check(target, lowered, lowering) if integer_check else []
+    with progress.step(f"writing graphs for target '{target.name}'"):
+        needs = write_graphs(folder, [(f"{n}.onnx", m) for n, m in lowered.items()], target.shared_weights and target.format == "onnx")
+        graph_bytes = {name.removesuffix(".onnx"): size for name, size in needs.items()}
+    with progress.step(f"placement on '{target.name}' ({target.placement_checker})"):
+        placements = [placement_of(folder / f"{name}.onnx", target, name) for name in lowered]
+        for p in placements:
+            progress.note(f"{p.graph}: {p.on_target}/{p.total_nodes} nodes on {p.ep}, {p.partitions} partition(s)")
+        if target.strict_placement and not all(p.fully_placed for p in placements):
+            raise placement_failure(target, [p for p in placements if not p.fully_placed])
+    extension = "onnx"
+    digests: dict[str, str] = {}
+    if target.format == "ort":
+        from edgecompile.ortformat import convert_to_ort, ort_content_digest, write_required_operators_config
+
+        with progress.step(f"converting '{target.name}' graphs to ORT format"):
+            for name in lowered:
+                convert_to_ort(folder / f"{name}.onnx", folder / f"{name}.ort", level=target.ort_level)
+                (folder / f"{name}.onnx").unlink()
+                graph_bytes[name] = (folder / f"{name}.ort").stat().st_size
+                digests[name] = ort_content_digest(folder / f"{name}.ort")
+            (folder / WEIGHTS).unlink(missing_ok=True)
+            write_required_operators_config([folder / f"{n}.ort" for n in lowered], folder / REQUIRED_OPERATORS)
+            extension = "ort"
+    with progress.step(f"parity on '{target.name}' ({target.parity_provider})"):
+        paths = {name: folder / f"{name}.{extension}" for name in lowered}
+        result = check_target(
+            target, paths, reference, models.student_samples, models.router_samples, threads,
+            progress=lambda graph: progress.note(f"running {graph}"),
+            lowbit_graphs=frozenset(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")),
+        )
+        result.rows += integer_rows
+    executed = (f"{target.provider}, executed on this machine" if target.runs_here else
+                f"CPUExecutionProvider: {target.provider} cannot run here; the {extension} files were run on the CPU EP "
+                "and placement is a static estimate")
+    entry = {
+        "provider": target.provider,
+        "parity_executed_on": executed,
+        "precision": target.precision,
+        "dynamic_shapes": target.dynamic_shapes,
+        **({} if target.dynamic_shapes else {"batch": target.batch, "sequence": target.sequence}),
+        "format": target.format,
+        "shared_weights": target.shared_weights and target.format == "onnx",
+        "definition": target.source.name,
+        "target": target_to_dict(target),
+        "graphs": {
+            name: {"file": f"{target.name}/{name}.{extension}", **graph_signature(model),
+                   **({"content_digest": digests[name]} if name in digests else {})}
+            for name, model in lowered.items()
+        },
+        "placement": {p.graph: p.to_dict() for p in placements},
+        "lowering": {name: _public(report) for name, report in lowering.items()},
+        **({"required_operators": f"{target.name}/{REQUIRED_OPERATORS}"} if target.format == "ort" else {}),
+    }
+    return TargetOutcome(entry, result, graph_bytes, lowering)
+
+
+def _public(report: dict[str, Any]) -> dict[str, Any]:
+    """A lowering report without the internal value names the parity check uses."""
+    report = dict(report)
+    if "lowbit" in report and "linear_groups" in report["lowbit"]:
+        lowbit = dict(report["lowbit"])
+        lowbit["linear_groups"] = [{k: v for k, v in g.items() if k != "values"} for g in lowbit["linear_groups"]]
+        report["lowbit"] = lowbit
+    return report
