@@ -42,6 +42,7 @@ class BuildRequest:
     samples: Path | None = None
     force: bool = False
     threads: int = 0
+    keep_failed: bool = False  # on a parity / placement miss, keep the staging folder as <out>.failed
 
 
 @dataclass
@@ -286,17 +287,24 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
         results, target_entries, graph_bytes, lowering_reports = [], {}, {}, {}
-        for target in inputs.targets:
-            outcome = build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check,
-                                   request.threads, progress)
-            results.append(outcome.parity)
-            target_entries[target.name] = outcome.entry
-            graph_bytes[target.name] = outcome.graph_bytes
-            lowering_reports[target.name] = outcome.lowering
-
-        table = parity_table(results)
-        if not all(r.passed for r in results):
-            raise ParityError("parity failed; no bundle was written\n" + table)
+        try:
+            for target in inputs.targets:
+                outcome = build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check,
+                                       request.threads, progress)
+                results.append(outcome.parity)
+                target_entries[target.name] = outcome.entry
+                graph_bytes[target.name] = outcome.graph_bytes
+                lowering_reports[target.name] = outcome.lowering
+            table = parity_table(results)
+            if not all(r.passed for r in results):
+                (root / "parity.md").write_text(parity_markdown(table, inputs.targets), encoding="utf-8")
+                raise ParityError("parity failed; no bundle was written\n" + table)
+        except ParityError as failure:
+            if request.keep_failed:
+                kept = staging.keep_as_failed()
+                raise type(failure)(f"{str(failure).splitlines()[0]} (artifacts kept in {kept} for inspection)\n"
+                                    + "\n".join(str(failure).splitlines()[1:])) from None
+            raise
 
         with progress.step("writing tokenizers, reference outputs, reports and manifest"):
             router_tokenizer = _write_tokenizers(root, inputs, models)

@@ -61,6 +61,14 @@ class Staging:
         if not self.committed:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def keep_as_failed(self) -> Path:
+        """Move the staging folder to `<out>.failed` (replacing an earlier one) for a person to inspect."""
+        failed = self.out.with_name(self.out.name + ".failed")
+        if failed.exists():
+            shutil.rmtree(failed)
+        os.replace(self.root, failed)
+        return failed
+
     def commit(self) -> None:
         from edgecompile import interrupt
 

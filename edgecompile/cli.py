@@ -51,9 +51,10 @@ def cli() -> None:
 @click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime intra-op threads for parity (0 = all cores).")
+@click.option("--keep-failed", is_flag=True, help="On a parity or placement failure, keep the graphs in <out>.failed/ to inspect.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
 def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targets: tuple[str, ...], samples: Path | None,
-          force: bool, threads: int, quiet: bool) -> None:
+          force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
     """Export STUDENT_DIR once, rewrite one graph per cluster, build the router, prove parity, write the bundle.
 
     Exit code 0 means the bundle at --out is complete and passed parity on every target; any other exit
@@ -64,7 +65,7 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targe
     from edgecompile.progress import Progress
 
     progress = Progress(quiet=quiet)
-    request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads)
+    request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed)
     result = run_build(request, progress)
     click.echo(result.table)
     if not quiet:

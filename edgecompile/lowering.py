@@ -84,10 +84,14 @@ def lowbit_weights_to_dequantize(model: ir.Model, ctx: LoweringContext) -> ir.Mo
 
     if not ctx.is_student or ctx.lowbit.empty:
         return model
-    converter = LowBitWeightsToDequantize(list(ctx.lowbit.linears), ctx.lowbit.embedding)
+    converter = LowBitWeightsToDequantize(list(ctx.lowbit.linears))
     ir.passes.PassManager([converter, RemoveUnusedNodesPass()])(model)
-    ctx.report["lowbit"] = {"exact_codes_as": f"int8 codes x {CODE_SCALE} with per-channel scale alpha / {CODE_SCALE}",
-                            "modules": converter.converted}
+    ctx.report["lowbit"] = {
+        "exact_codes_as": f"int8 codes x {CODE_SCALE} with per-channel scale alpha / {CODE_SCALE}",
+        "modules": converter.converted,
+        **({"word_embeddings": "quantized by the QDQ recipe, not exact codes (HTP could not finalize the exact form)"}
+           if ctx.lowbit.embedding else {}),
+    }
     return model
 
 

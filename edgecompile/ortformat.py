@@ -122,7 +122,7 @@ def _no_basic_config() -> Iterator[None]:
 def _ort_tools() -> tuple[Any, Any]:
     """(fbs bindings module, OrtFormatModelProcessor). Importing the package appends the bindings' folder
     to sys.path (onnxruntime's own mechanism; the generated code imports `ort_flatbuffers_py`)."""
-    with contextlib.nullcontext():
+    with _no_basic_config():
         from onnxruntime.tools.ort_format_model import OrtFormatModelProcessor
 
         import ort_flatbuffers_py.fbs as fbs

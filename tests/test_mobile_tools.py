@@ -216,10 +216,9 @@ def test_required_operators_config_unions_and_is_reproducible(bert, tmp_path):
     text = (tmp_path / "all.config").read_text()
     assert "/" not in text and str(tmp_path) not in text
     other = tmp_path / "elsewhere"
-    for model in models:  # fresh conversions (different bytes) in another folder give the same config
-        convert_to_ort(tmp_path / "packed.onnx" if model.name == "packed.ort" else
-                       (bert.dynamic if model == bert.dynamic_ort else bert.fixed),
-                       other / model.name, fold_constants=model.name != "packed.ort")
+    sources = [(bert.dynamic, True), (bert.fixed, True), (tmp_path / "packed.onnx", False)]
+    for model, (source, fold) in zip(models, sources, strict=True):  # fresh conversions (other bytes), other folder
+        convert_to_ort(source, other / model.name, fold_constants=fold)
     write_required_operators_config([other / m.name for m in models], other / "all.config")
     assert (other / "all.config").read_bytes() == (tmp_path / "all.config").read_bytes()
     with pytest.raises(ValueError, match="not an ORT-format model"):

@@ -5,7 +5,10 @@ re-quantized from floats. A DequantizeLinear already in front of a weight is kep
 onnxruntime's quantizer, so the int8 codes and per-channel scales pass through as they are. The
 codes are stored multiplied by c = 127 (still exactly ternary): HTP's 16-bit-activation MatMul was
 measured about 6x less precise with codes of only +-1 than with codes filling the int8 range.
-Word embeddings (one alpha per row) become DequantizeLinear(int8 codes * c, alpha / c, axis 0).
+Word embeddings are left to the QDQ recipe (quantized like any other table, not exact codes): QNN
+HTP failed to finalize every graph we tried with the codes kept exact in front of the Gather --
+a per-row DequantizeLinear (EP: "unsupported node"), and a per-tensor one followed by a Mul with
+the gathered alphas (QNN_COMMON_ERROR_MEM_ALLOC, no per-node reason).
 """
 
 from __future__ import annotations
@@ -23,22 +26,26 @@ from edgecompile.reference.lowbit import recover_codes
 CODE_SCALE = 127
 
 
-def _dequantized(graph: ir.Graph, codes: np.ndarray, alpha: np.ndarray, axis: int, module: str, anchor: ir.Node) -> ir.Value:
-    scale = (alpha.astype(np.float32) / np.float32(CODE_SCALE)).astype(np.float32)
-    stored = (codes.astype(np.int32) * CODE_SCALE).astype(np.int8)
-    q = new_initializer(graph, stored, f"{module}.codes_x{CODE_SCALE}")
-    s = new_initializer(graph, scale, f"{module}.code_scale")
-    z = new_initializer(graph, np.zeros_like(stored, shape=scale.shape), f"{module}.zero_point")
-    node = ir.node("DequantizeLinear", [q, s, z], {"axis": axis}, name=f"/{module.replace('.', '/')}/lowbit/DequantizeLinear")
+def _node(graph: ir.Graph, op: str, inputs: list, attributes: dict, module: str, anchor: ir.Node) -> ir.Value:
+    node = ir.node(op, inputs, attributes, name=f"/{module.replace('.', '/')}/lowbit/{op}")
     set_module(node, module)
     graph.insert_before(anchor, node)
     return node.outputs[0]
 
 
+def _dequantized(graph: ir.Graph, codes: np.ndarray, scale: np.ndarray, axis: int, module: str, anchor: ir.Node) -> ir.Value:
+    """DequantizeLinear(int8 codes * c, scale) with zero point 0 (per channel along `axis` when scale is 1-D)."""
+    stored = (codes.astype(np.int32) * CODE_SCALE).astype(np.int8)
+    q = new_initializer(graph, stored, f"{module}.codes_x{CODE_SCALE}")
+    s = new_initializer(graph, scale.astype(np.float32), f"{module}.code_scale")
+    z = new_initializer(graph, np.zeros(scale.shape, np.int8), f"{module}.zero_point")
+    return _node(graph, "DequantizeLinear", [q, s, z], {"axis": axis} if scale.ndim else {}, module, anchor)
+
+
 class LowBitWeightsToDequantize(ir.passes.InPlacePass):
-    def __init__(self, linears: list[str], embedding: str | None) -> None:
+    def __init__(self, linears: list[str]) -> None:
         super().__init__()
-        self.linears, self.embedding = linears, embedding
+        self.linears = linears
         self.converted: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -53,15 +60,8 @@ class LowBitWeightsToDequantize(ir.passes.InPlacePass):
             recovered = recover_codes(site.weight_array().T)
             if recovered is None:
                 raise StructureError(f"{module}: declared low-bit, but its weight is not exactly codes * alpha per row")
-            weight = _dequantized(graph, recovered.codes.T, recovered.alpha, 1, module, site.matmul)
+            scale = (recovered.alpha / np.float32(CODE_SCALE)).astype(np.float32)
+            weight = _dequantized(graph, recovered.codes.T, scale, 1, module, site.matmul)
             site.matmul.replace_input_with(1, weight)
             self.converted.append(module)
-        if self.embedding:
-            gathers = [n for n in by_module.get(self.embedding, []) if n.op_type == "Gather" and n.inputs[0].is_initializer()]
-            if len(gathers) == 1:
-                recovered = recover_codes(gathers[0].inputs[0].const_value.numpy())
-                if recovered is None:
-                    raise StructureError(f"{self.embedding}: declared low-bit, but the table is not exactly codes * alpha per row")
-                gathers[0].replace_input_with(0, _dequantized(graph, recovered.codes, recovered.alpha, 0, self.embedding, gathers[0]))
-                self.converted.append(self.embedding)
         return ir.passes.PassResult(model, modified=bool(self.converted))

@@ -78,7 +78,7 @@ class LowerLowBitLinears(ir.passes.InPlacePass):
             while name in names:
                 name += "_"
             names.add(name)
-            return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+            return tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name), name=name)
 
         recovered = []
         for site in sites:

@@ -67,7 +67,7 @@ def pack_rows(codes: np.ndarray, scheme: Scheme) -> np.ndarray:
 
 
 def _const(tape: ir.tape.Tape, array: np.ndarray, name: str) -> ir.Value:
-    return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+    return tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name), name=name)
 
 
 def expand_weight(tape: ir.tape.Tape, codes: np.ndarray, name: str) -> tuple[ir.Value, Scheme, int]:

@@ -22,7 +22,7 @@ def unique_initializer_name(graph: ir.Graph, hint: str) -> str:
 
 def new_initializer(graph: ir.Graph, array: np.ndarray, name_hint: str) -> ir.Value:
     name = unique_initializer_name(graph, name_hint)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.tensor(np.asarray(array, order="C"), name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

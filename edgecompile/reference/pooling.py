@@ -27,6 +27,16 @@ def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str
     raise ValueError(f"unknown pooling mode {mode!r}; known: {', '.join(POOLING_MODES)}")
 
 
+NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default, as sentence-transformers uses it
+
+
 def l2_normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    """sentence_transformers.models.Normalize: F.normalize(p=2, dim=1, eps=1e-12)."""
-    return torch.nn.functional.normalize(embeddings, p=2.0, dim=1)
+    """sentence_transformers.models.Normalize, i.e. F.normalize(p=2, dim=1, eps=1e-12), spelled out.
+
+    x / sqrt(max(sum(x^2), eps^2)) is the same function, but it exports to plain Mul / ReduceSum /
+    Sqrt / Div instead of a pattern onnxruntime's QNN preprocessing fuses into LpNormalization,
+    which QNN HTP computed wrongly on some inputs (cosine 0.69 against an exact run of the same
+    QDQ graph; tests/test_qnn.py covers it).
+    """
+    squared = (embeddings * embeddings).sum(dim=1, keepdim=True)
+    return embeddings / squared.clamp(min=NORMALIZE_EPS * NORMALIZE_EPS).sqrt()
