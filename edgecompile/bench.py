@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgecompile.bundle import Bundle
+from edgecompile.errors import input_error
 from edgecompile.runtime import create_session
 from edgecompile.targets import target_from_dict
 
@@ -49,10 +50,13 @@ def bench_bundle(
     target = target_from_dict(entry["target"])
     if not target.dynamic_shapes:
         batch, sequence = target.batch, target.sequence
+    limit = min(bundle.manifest["student"]["max_seq_length"], bundle.manifest["router"]["max_seq_length"])
+    if sequence > limit:
+        raise input_error("--sequence", "sequence length", f"at most {limit} (the models' max_seq_length)", sequence)
     names = graphs or list(entry["graphs"])
     sessions, feeds = {}, {}
     for name in names:
-        session = create_session(bundle.root / entry["graphs"][name]["file"], target, threads)
+        session = create_session(bundle.graph_file(entry, name), target, threads)
         vocab = bundle.manifest["router" if name == "router" else "student"]["vocab_size"]
         sessions[name], feeds[name] = session, _feed(session, batch, sequence, vocab, seed)
     for _ in range(warmup):

@@ -87,16 +87,24 @@ class CompiledGraphs:
 
 def validate_inputs(request: BuildRequest) -> ValidatedInputs:
     """Everything a user can get wrong, checked before any heavy work."""
-    from edgecompile.bundle import check_out_dir
+    from edgecompile.bundle import check_out_dir, check_out_parent
 
     targets = tuple(load_target(name) for name in dict.fromkeys(request.targets))
+    names = [t.name for t in targets]
+    for name in names:
+        if names.count(name) > 1:
+            raise input_error("--target", f"target name '{name}'", "each target once (its name is its bundle folder)",
+                              ", ".join(str(t.source) for t in targets if t.name == name))
     check_out_dir(Path(request.out), request.force)
+    check_out_parent(Path(request.out))
     student = load_student(Path(request.student), role="student")
     router = load_student(Path(request.router_encoder), role="router encoder")
     if router.family != "sentence-transformers":
         raise input_error(request.router_encoder, "router encoder", "a sentence-transformers folder (modules.json)", f"a plain {router.architecture} checkpoint")
     if not router.tokenizer_files():
         raise input_error(router.transformer_dir, "router encoder tokenizer", "tokenizer files (tokenizer.json or vocab.txt)", "none")
+    student.check_tokenizer_files_readable()
+    router.check_tokenizer_files_readable()
     masks = load_masks(Path(request.masks), student, router.embedding_dim)
     samples = load_samples(request.samples)
     return ValidatedInputs(student, router, masks, samples, targets, read_sidecar(student.path))
@@ -297,7 +305,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
                 lowering_reports[target.name] = outcome.lowering
             table = parity_table(results)
             if not all(r.passed for r in results):
-                (root / "parity.md").write_text(parity_markdown(table, inputs.targets), encoding="utf-8")
+                (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
                 raise ParityError("parity failed; no bundle was written\n" + table)
         except ParityError as failure:
             if request.keep_failed:
@@ -312,7 +320,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             (root / REFERENCE_SAMPLES).write_text("\n".join(inputs.samples.texts) + "\n", encoding="utf-8")
             _save_reference(root / REFERENCE_OUTPUTS, reference)
             write_json(root / "parity.json", parity_json(results, {t.name: t for t in inputs.targets}))
-            (root / "parity.md").write_text(parity_markdown(table, inputs.targets), encoding="utf-8")
+            (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
             manifest = build_manifest(
                 inputs, models, compiled, target_entries, graph_bytes, file_table(root),
                 lowering_reports,

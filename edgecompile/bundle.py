@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,13 +76,32 @@ class Staging:
         interrupt.check()  # never publish a bundle after Ctrl-C / SIGTERM was requested
         check_out_dir(self.out, self.force)
         old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "bundle")
-        os.replace(self.root, self.out)
-        self.committed = True
+        # No signal between moving the old bundle aside and moving the new one in.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if self.out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+                os.replace(self.out, old / "bundle")
+            try:
+                os.replace(self.root, self.out)
+            except OSError:
+                if old is not None:
+                    os.replace(old / "bundle", self.out)
+                raise
+            self.committed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_parent(out: Path) -> None:
+    """The bundle is staged beside --out: its parent must be creatable and writable."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=out.parent).cleanup()
+    except OSError as exc:
+        raise InputError(f"{out.parent}: --out's folder: expected a writable folder, found {exc.strerror.lower()}") from None
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -185,9 +205,12 @@ class Bundle:
             raise InputError(f"{self.root}: target '{name}' not in this bundle; it has: {', '.join(targets)}")
         return targets[name]
 
-    def graph_path(self, target: str | None, graph: str) -> Path:
-        entry = self.target(target)
-        return self.root / entry["graphs"][graph]["file"]
+    def graph_file(self, target: dict[str, Any], graph: str) -> Path:
+        """A graph's file, which must exist (run and bench do not re-hash the bundle)."""
+        path = self.root / target["graphs"][graph]["file"]
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle (listed in manifest.json); run `edgecompile verify`")
+        return path
 
 
 def load_bundle(path: Path) -> Bundle:
@@ -199,9 +222,36 @@ def load_bundle(path: Path) -> Bundle:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: unreadable ({exc})") from None
-    if manifest.get("schema") != SCHEMA_VERSION:
-        raise BundleError(f"{manifest_path}: schema: expected {SCHEMA_VERSION!r}, found {manifest.get('schema')!r}")
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{manifest_path}: schema: expected {SCHEMA_VERSION!r}, found {found!r}")
+    _check_manifest(manifest_path, manifest)
     return Bundle(path, manifest)
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The keys the bundle commands read, with their types, so a damaged manifest is one clear line."""
+
+    def need(obj: Any, key: str, kind: type, where: str) -> Any:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, kind) or (kind in (dict, list) and not value and key == "targets"):
+            raise BundleError(f"{path}: {where}{key}: expected a {kind.__name__}{' (non-empty)' if key == 'targets' else ''}, found {value!r}"[:300])
+        return value
+
+    for role in ("student", "router"):
+        section = need(manifest, role, dict, "")
+        for key, kind in (("tokenizer", str), ("max_seq_length", int), ("vocab_size", int)):
+            need(section, key, kind, f"{role}.")
+    need(manifest, "clusters", list, "")
+    files = need(manifest, "files", dict, "")
+    for rel, entry in files.items():
+        need(entry, "sha256", str, f"files[{rel}].")
+    for name, target in need(manifest, "targets", dict, "").items():
+        need(target, "target", dict, f"targets.{name}.")
+        for graph, info in need(target, "graphs", dict, f"targets.{name}.").items():
+            file = need(info, "file", str, f"targets.{name}.graphs.{graph}.")
+            if file not in files:
+                raise BundleError(f"{path}: targets.{name}.graphs.{graph}.file: expected a file listed in files, found {file!r}")
 
 
 def check_hashes(bundle: Bundle) -> list[str]:

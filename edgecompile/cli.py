@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from edgecompile import __version__
-from edgecompile.errors import EdgecompileError, ParityError
+from edgecompile.errors import EdgecompileError, InputError, ParityError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,9 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EXIT_INTERRUPTED = 130
 
 
-def _existing(path_type: str = "any"):
-    # Existence is checked by the loaders so messages keep one format; click only converts to Path.
-    return click.Path(path_type=Path)
+def _existing():
+    # Existence and readability are checked by the loaders so messages keep one format.
+    return click.Path(path_type=Path, readable=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -133,6 +133,9 @@ def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threa
     from edgecompile.bench import bench_bundle, bench_table
     from edgecompile.bundle import load_bundle
 
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        raise InputError(f"{json_path}: --json: expected a file path in an existing folder, found "
+                         f"{'a folder' if json_path.is_dir() else 'a missing parent folder'}")
     bundle = load_bundle(bundle_dir)
     rows = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup)
     click.echo(bench_table(rows, batch, sequence, threads))

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from edgecompile.bundle import Bundle
+from edgecompile.errors import input_error
 from edgecompile.runtime import create_session
 from edgecompile.targets import target_from_dict
 from edgecompile.tokens import encode, load_tokenizer, pad_batch
@@ -24,14 +25,16 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
     def tokens(role: str):
         info = bundle.manifest[role]
         encoded = encode(load_tokenizer(bundle.root / info["tokenizer"]), [text], info["max_seq_length"])
+        if length is not None and encoded[0].length > length:
+            raise input_error("--text", f"{role} tokens", f"at most {length} (target '{target.name}' has fixed shapes)", encoded[0].length)
         return encoded[0], pad_batch(encoded, length)
 
     router_sample, router_batch = tokens("router")
-    router = create_session(bundle.root / entry["graphs"]["router"]["file"], target, threads)
+    router = create_session(bundle.graph_file(entry, "router"), target, threads)
     cluster_id, distances = router.run(["cluster_id", "distances"], _feed(router, router_batch))
     k = int(cluster_id.reshape(-1)[0])
     sample, batch = tokens("student")
-    session = create_session(bundle.root / entry["graphs"][f"cluster_{k}"]["file"], target, threads)
+    session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, _feed(session, batch))
     outputs = {}

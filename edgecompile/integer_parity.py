@@ -62,13 +62,14 @@ def check_integer_linears(
     debug = model.clone()
     values = {v.name: v for n in debug.graph for v in n.outputs}
     values.update({v.name: v for v in debug.graph.inputs})
-    wanted = []
+    wanted: list[str] = []
     for group in groups:
         for key in ("input", "codes", "output"):
             name = group["values"][key]
-            if values[name] not in debug.graph.outputs:
-                debug.graph.outputs.append(values[name])
-            wanted.append(name)
+            if name not in wanted:  # Q/K/V with different quantizers share one input value
+                wanted.append(name)
+                if values[name] not in debug.graph.outputs:
+                    debug.graph.outputs.append(values[name])
     session = ort.InferenceSession(ir.to_proto(debug).SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
@@ -108,13 +109,16 @@ def check_integer_linears(
                 total += int(codes.size)
                 error = float(np.abs(y_onnx.astype(np.float64) - y_ref).max()) if y_ref.size else 0.0
                 scale = float(np.abs(y_ref).max()) if y_ref.size else 0.0
+                relative = error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
+                if not np.isfinite(error):  # NaN must fail, and max() would silently keep the old value
+                    error = relative = float("inf")
                 worst_abs = max(worst_abs, error)
-                worst_rel = max(worst_rel, error / scale if scale > 0 else 0.0)
+                worst_rel = max(worst_rel, relative)
     agreement = 1.0 - mismatched / total if total else 1.0
     row = Comparison(target.name, graph_name, f"{len(groups)} integer Linear groups (same input)", len(samples),
                      worst_abs, worst_rel, None, agreement)
     if mismatched:
         row.failures.append(f"{mismatched} of {total} activation codes differ")
-    if worst_rel > target.parity.max_relative_error:
+    if not worst_rel <= target.parity.max_relative_error:
         row.failures.append(f"max rel error {worst_rel:.3g} > {target.parity.max_relative_error:g}")
     return row

@@ -45,6 +45,8 @@ class Comparison:
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return 1.0 if na == nb else 0.0
@@ -56,25 +58,32 @@ def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], got
     max_relative_error = tol.lowbit_max_relative_error if lowbit else tol.max_relative_error
     min_cosine = tol.lowbit_min_cosine if lowbit else tol.min_cosine
     abs_errors, rel_errors, cosines, agree = [], [], [], []
+    non_finite = sum(int(not np.isfinite(got).all()) for got in gots)
     for ref, got in zip(refs, gots):
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
         abs_error = float(np.abs(got64 - ref64).max()) if ref.size else 0.0
         scale = float(np.abs(ref64).max()) if ref.size else 0.0
         abs_errors.append(abs_error)
         rel_errors.append(abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else float("inf")))
+        if not np.isfinite(abs_error):
+            rel_errors[-1] = float("inf")
         cosines.append(_cosine(ref, got))
         if output == "logits":
-            agree.append(int(np.argmax(ref)) == int(np.argmax(got)))
-    worst = int(np.argmax(rel_errors)) if rel_errors else 0
+            agree.append(bool(np.isfinite(got).all()) and int(np.argmax(ref)) == int(np.argmax(got)))
+    # NaN never passes: comparisons below are written so that a NaN fails them.
+    worst = int(np.nanargmax(rel_errors)) if rel_errors and not np.all(np.isnan(rel_errors)) else 0
     result = Comparison(
-        target.name, graph, output, len(refs), max(abs_errors, default=0.0), max(rel_errors, default=0.0),
-        min(cosines, default=1.0), float(np.mean(agree)) if agree else None, worst,
+        target.name, graph, output, len(refs), float(np.max(abs_errors)) if abs_errors else 0.0,
+        float(np.max(rel_errors)) if rel_errors else 0.0, float(np.min(cosines)) if cosines else 1.0,
+        float(np.mean(agree)) if agree else None, worst,
     )
-    if result.max_relative_error > max_relative_error:
+    if non_finite:
+        result.failures.append(f"{non_finite} sample(s) with NaN or Inf outputs")
+    if not result.max_relative_error <= max_relative_error:
         result.failures.append(f"max rel error {result.max_relative_error:.3g} > {max_relative_error:g}")
-    if result.min_cosine < min_cosine:
+    if not result.min_cosine >= min_cosine:
         result.failures.append(f"min cosine {result.min_cosine:.6f} < {min_cosine:g}")
-    if result.agreement is not None and result.agreement < tol.min_argmax_agreement:
+    if result.agreement is not None and not result.agreement >= tol.min_argmax_agreement:
         result.failures.append(f"argmax agreement {result.agreement:.3f} < {tol.min_argmax_agreement:g}")
     return result
 
@@ -86,7 +95,7 @@ def compare_router(target: Target, refs: Outputs, gots: Outputs) -> list[Compari
     agreement = float(np.mean(ids_ref == ids_got)) if ids_ref.size else 1.0
     worst = int(np.argmax(ids_ref != ids_got)) if agreement < 1 else 0
     ids = Comparison(target.name, "router", "cluster_id", int(ids_ref.size), None, None, None, agreement, worst)
-    if agreement < target.parity.min_router_agreement:
+    if not agreement >= target.parity.min_router_agreement:
         mismatched = [int(i) for i in np.flatnonzero(ids_ref != ids_got)]
         ids.failures.append(f"cluster agreement {agreement:.3f} < {target.parity.min_router_agreement:g} (samples {mismatched[:8]})")
     return [distances, ids]
@@ -219,7 +228,26 @@ def parity_json(results: list[TargetParity], tolerances: dict[str, Target]) -> d
     }
 
 
-def parity_markdown(table: str, targets) -> str:
+def placement_markdown(target: str, executed_on: str, placements: dict[str, dict]) -> list[str]:
+    """The placement section of one target: nodes per EP, partitions, what did not go to the EP and why."""
+    first = next(iter(placements.values()), None)
+    if first is None:
+        return []
+    lines = [f"### Placement on '{target}' ({first['ep']})", "", f"Parity executed on: {executed_on}.",
+             f"Placement method: {first['method']}.", "",
+             "| graph | nodes on EP | partitions | not on the EP (op x count: reason) |", "|---|---:|---:|---|"]
+    for graph, p in placements.items():
+        off = "; ".join(f"{u['op_type']} x{len(u['nodes'])}: {u['reason']}" for u in p["unsupported"]) or "none"
+        lines.append(f"| {graph} | {p['nodes_by_ep'].get(p['ep'], 0)}/{p['total_nodes']} | {p['partitions']} | {off} |")
+    notes = sorted({note for p in placements.values() for note in p.get("notes", [])})
+    dynamic = sorted({name for p in placements.values() for name in p.get("dynamic_inputs", [])})
+    if dynamic:
+        lines.append(f"\nDynamic-shape inputs: {', '.join(dynamic)}.")
+    lines += [f"- {note}" for note in notes]
+    return lines + [""]
+
+
+def parity_markdown(table: str, targets, entries: dict[str, dict] | None = None) -> str:
     lines = ["# Parity report", "", "Every graph vs the PyTorch reference (masks and quantizers applied in eager mode), per target.", ""]
     for t in targets:
         p = t.parity
@@ -228,6 +256,8 @@ def parity_markdown(table: str, targets) -> str:
             f"min cosine ≥ {p.min_cosine:g}, argmax agreement ≥ {p.min_argmax_agreement:g}, "
             f"router agreement ≥ {p.min_router_agreement:g}; graphs with quantized activations end to end: "
             f"max rel error ≤ {p.lowbit_max_relative_error:g}, min cosine ≥ {p.lowbit_min_cosine:g}"
+            + ("" if t.runs_here else f". **{t.provider} cannot run on the build machine: these numbers come from "
+               f"running the shipped files on the CPU EP, not on {t.provider} itself.**")
         )
     lines += [
         "", table, "",
@@ -235,4 +265,6 @@ def parity_markdown(table: str, targets) -> str:
         "Rows 'integer Linear groups (same input)': every low-bit Linear fed the input onnxruntime saw; "
         "agreement = share of identical activation codes (must be 1).", "",
     ]
+    for name, entry in (entries or {}).items():
+        lines += placement_markdown(name, entry["parity_executed_on"], entry.get("placement", {}))
     return "\n".join(lines)

@@ -31,7 +31,12 @@ def bundle_summary(bundle: Bundle) -> str:
     ]
     for name, t in m["targets"].items():
         shapes = "dynamic shapes" if t["dynamic_shapes"] else f"fixed batch {t['batch']} x sequence {t['sequence']}"
-        lines.append(f"target   {name}: {t['provider']}, {t['precision']}, {shapes}, {t['format']}")
+        lines.append(f"target   {name}: {t['provider']}, {t['precision']}, {shapes}, {t['format']}; parity on {t['parity_executed_on']}")
+        for graph, p in t.get("placement", {}).items():
+            off = ", ".join(f"{u['op_type']} x{len(u['nodes'])}" for u in p["unsupported"]) or "none"
+            kind = "executed" if p["method"].startswith("onnxruntime session") else "ESTIMATED"
+            lines.append(f"           {graph:<11} {p['nodes_by_ep'].get(p['ep'], 0):>4}/{p['total_nodes']:<4} nodes on EP, "
+                         f"{p['partitions']} partition(s) [{kind}]; not on EP: {off}")
     lines.append(f"parity   {'PASSED' if m['parity']['passed'] else 'FAILED'} (details: {m['parity']['report']})")
     try:
         parity = json.loads((bundle.root / m["parity"]["data"]).read_text())

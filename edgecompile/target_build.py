@@ -101,12 +101,12 @@ def build_target(
             (folder / WEIGHTS).unlink(missing_ok=True)
             write_required_operators_config([folder / f"{n}.ort" for n in lowered], folder / REQUIRED_OPERATORS)
             extension = "ort"
+    lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
     with progress.step(f"parity on '{target.name}' ({target.parity_provider})"):
         paths = {name: folder / f"{name}.{extension}" for name in lowered}
         result = check_target(
             target, paths, reference, models.student_samples, models.router_samples, threads,
-            progress=lambda graph: progress.note(f"running {graph}"),
-            lowbit_graphs=frozenset(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")),
+            progress=lambda graph: progress.note(f"running {graph}"), lowbit_graphs=frozenset(lowbit_graphs),
         )
         result.rows += integer_rows
     executed = (f"{target.provider}, executed on this machine" if target.runs_here else
@@ -128,6 +128,8 @@ def build_target(
             for name, model in lowered.items()
         },
         "placement": {p.graph: p.to_dict() for p in placements},
+        # graphs with quantized activations: end to end under the target's lowbit_* tolerances
+        "lowbit_graphs": lowbit_graphs,
         "lowering": {name: _public(report) for name, report in lowering.items()},
         **({"required_operators": f"{target.name}/{REQUIRED_OPERATORS}"} if target.format == "ort" else {}),
     }

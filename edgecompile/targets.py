@@ -8,7 +8,9 @@ does to the graphs is its `lowering.steps` list (names from lowering.STEPS), not
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -18,6 +20,7 @@ from typing import Any
 from edgecompile.errors import InputError, input_error, one_line
 
 REQUIRED = object()
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a target's name is also its folder in the bundle
 # section -> key -> (python type(s), default, allowed values or None)
 SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
     "": {"name": (str, REQUIRED, None), "description": (str, "", None)},
@@ -175,6 +178,12 @@ def load_target_file(path: Path) -> Target:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: not readable TOML ({one_line(exc)})") from None
     v = _validated(Path(path), raw)
+    if not NAME.match(v[""]["name"]):
+        raise input_error(path, "key 'name'", "lowercase letters, digits, '-' or '_' (it names the bundle folder)", repr(v[""]["name"]))
+    for key, value in v["parity"].items():
+        bounded = key.startswith("min_")
+        if not math.isfinite(value) or value < 0 or (bounded and value > 1):
+            raise input_error(path, f"key 'parity.{key}'", "a finite number in [0, 1]" if bounded else "a finite number >= 0", value)
     for key in ("batch", "sequence"):
         if v["shapes"][key] < 1:
             raise input_error(path, f"key 'shapes.{key}'", "a positive integer", v["shapes"][key])

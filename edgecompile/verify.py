@@ -1,5 +1,10 @@
 """`edgecompile verify`: re-check every file hash, then re-run the parity gate on this machine's
-onnxruntime against the PyTorch reference outputs stored in the bundle."""
+onnxruntime against the PyTorch reference outputs stored in the bundle.
+
+The teacher-forced integer rows of low-bit graphs need the PyTorch model and are checked at build
+time only; verify re-checks their end-to-end outputs under the target's lowbit_* tolerances.
+The manifest is the root of trust: it records the hashes and the tolerances verify applies.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +48,10 @@ def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int
     for name in targets or bundle.targets:
         entry = bundle.target(name)
         paths = {graph: bundle.root / info["file"] for graph, info in entry["graphs"].items()}
-        results.append(
-            check_target(target_from_dict(entry["target"]), paths, reference, student_samples, router_samples, threads, progress)
-        )
+        results.append(check_target(
+            target_from_dict(entry["target"]), paths, reference, student_samples, router_samples, threads, progress,
+            lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
+        ))
+    if not results or not any(r.rows for r in results):
+        raise BundleError(f"{bundle.root}: manifest.json: targets: expected at least one target with graphs, found none")
     return results

@@ -12,8 +12,13 @@ from edgecompile.targets import available_targets, load_target, load_target_file
 CPU = (Path(__file__).parents[1] / "targets" / "cpu.toml").read_text()
 
 
+@pytest.fixture(autouse=True)
+def only_shipped_targets(monkeypatch):
+    monkeypatch.delenv("EDGECOMPILE_TARGETS_PATH", raising=False)
+
+
 def test_shipped_targets_load():
-    assert "cpu" in available_targets()
+    assert {"cpu", "qnn-htp", "xnnpack", "nnapi", "coreml"} <= set(available_targets())
     for name in available_targets():
         target = load_target(name)
         assert target.name == name and target.parity.max_relative_error > 0
@@ -56,6 +61,23 @@ def test_user_targets_path(tmp_path, monkeypatch):
     assert load_target("mine").name == "mine"
 
 
-def test_targets_command_lists_cpu(cli):
+def test_targets_command_lists_every_target(cli):
     code, out, _ = cli("targets")
-    assert code == 0 and out.startswith("cpu") and "CPUExecutionProvider" in out
+    names = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
+    assert code == 0 and names == sorted(["coreml", "cpu", "nnapi", "qnn-htp", "xnnpack"])
+    assert "not runnable here" in out and "QNNExecutionProvider" in out
+
+
+def test_target_name_must_be_a_safe_folder_name(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(CPU.replace('name = "cpu"', 'name = "../../escaped"'))
+    with pytest.raises(InputError, match=r"key 'name': expected lowercase letters"):
+        load_target_file(path)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1.0", "1.5"])
+def test_tolerances_must_be_finite_and_in_range(tmp_path, bad):
+    path = tmp_path / "t.toml"
+    path.write_text(CPU.replace("min_cosine = 0.9999", f"min_cosine = {bad}"))
+    with pytest.raises(InputError, match=r"key 'parity.min_cosine': expected a finite number in \[0, 1\]"):
+        load_target_file(path)

@@ -107,8 +107,8 @@ def read_sidecar(student_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             raise input_error(path, f"{where}.static_scales", "an object of module: scale", type(scales).__name__)
         if entry["activations"] == "dynamic" and scales:
             raise input_error(path, f"{where}.static_scales", "none with dynamic activations", f"{len(scales)} scales")
-    embeddings = data.get("word_embeddings")
-    if embeddings is not None:
+    embeddings = data.get("word_embeddings", {})
+    if "word_embeddings" in data:
         if not isinstance(embeddings, dict):
             raise input_error(path, "'word_embeddings'", "an object", type(embeddings).__name__)
         _known(path, "word_embeddings", embeddings, EMBEDDING_KEYS)

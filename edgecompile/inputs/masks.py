@@ -21,7 +21,7 @@ MASK_KINDS = ("hard", "hard_concrete_log_alpha")
 METRICS = ("l2", "cosine")
 KNOWN_METADATA = ("format", "mask.kind", "router.metric")
 GRANULARITIES = ("blocks", "heads", "neurons")
-_CLUSTER_TENSOR = re.compile(r"^cluster\.(\d+)\.(\w+)$")
+_CLUSTER_TENSOR = re.compile(r"^cluster\.(0|[1-9][0-9]*)\.([a-z]+)$")  # one spelling per index: no "cluster.00"
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,8 @@ def load_masks(path: Path, student: StudentSpec, encoder_dim: int) -> MaskSet:
             raise input_error(path, f"tensor {name}", "cluster.{k}.blocks|heads|neurons or router.*", "an unknown name")
         k, granularity = int(match.group(1)), match.group(2)
         _check_tensor(path, name, array, expected[granularity], unit_range=(kind == "hard"))
+        if granularity in per_cluster.get(k, {}):
+            raise input_error(path, f"tensor {name}", f"one cluster.{k}.{granularity}", "a second tensor for it")
         per_cluster.setdefault(k, {})[granularity] = array
 
     found = sorted(per_cluster)

@@ -48,9 +48,14 @@ def load_samples(path: Path | None) -> Samples:
     if path is None:
         return Samples(BUILTIN_SAMPLES, tuple(range(1, len(BUILTIN_SAMPLES) + 1)), "built-in")
     path = Path(path)
+    if path.is_dir():
+        raise input_error(path, "--samples", "a text file, one input per line", "a folder")
     if not path.is_file():
         raise InputError(f"{path}: samples file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: samples file not readable ({exc.strerror})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

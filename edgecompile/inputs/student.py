@@ -60,6 +60,14 @@ class StudentSpec:
     def tokenizer_files(self) -> tuple[Path, ...]:
         return tuple(self.transformer_dir / n for n in TOKENIZER_FILES if (self.transformer_dir / n).is_file())
 
+    def check_tokenizer_files_readable(self) -> None:
+        """They are copied into the bundle at the very end: an unreadable one must fail now."""
+        for path in self.tokenizer_files():
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise InputError(f"{path}: tokenizer file not readable ({exc.strerror})") from None
+
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
@@ -103,9 +111,20 @@ def _check_bert_config(config_path: Path, config: Any, allowed: tuple[str, ...])
         raise InputError(
             f"{config_path}: architecture '{architecture}' is not supported; supported: {SUPPORTED_DESCRIPTION}"
         )
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
-        if not isinstance(config.get(key), int) or config[key] <= 0:
-            raise input_error(config_path, f"'{key}'", "a positive integer", config.get(key))
+    positive = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "type_vocab_size")
+    for key in positive:
+        value = config.get(key)
+        if key in ("type_vocab_size", "max_position_embeddings", "vocab_size") and value is None:
+            continue  # transformers' defaults apply
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise input_error(config_path, f"'{key}'", "a positive integer", repr(value))
+    for key in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise input_error(config_path, f"'{key}'", "a number", repr(value))
+    if "hidden_act" in config and config["hidden_act"] not in ("gelu", "relu", "gelu_new", "gelu_python", "silu", "swish", "tanh"):
+        raise input_error(config_path, "'hidden_act'", "a transformers activation name (e.g. 'gelu')", repr(config["hidden_act"]))
     if config["hidden_size"] % config["num_attention_heads"]:
         raise input_error(
             config_path, "'hidden_size' / 'num_attention_heads'", "an integer head size",

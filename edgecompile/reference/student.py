@@ -89,5 +89,8 @@ def load_student_module(spec: StudentSpec) -> StudentModule:
             f"{spec.transformer_dir / 'model.safetensors'}: tensor {missing[0]}: expected in the checkpoint, found missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{spec.transformer_dir / 'model.safetensors'}: tensor {name}: expected finite values, found NaN or Inf")
     model.eval()
     return StudentModule(spec, model).eval()
