@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.inputs.student import StudentSpec
+from edgecompile.numerics import kept_units
 
 
 def kept_structure(spec: StudentSpec, masks: ClusterMasks) -> dict[str, Any]:
@@ -23,8 +24,8 @@ def kept_structure(spec: StudentSpec, masks: ClusterMasks) -> dict[str, Any]:
     for i in range(spec.num_layers):
         attention_on = masks.blocks[i, 0] != 0
         ffn_on = masks.blocks[i, 1] != 0
-        heads = [int(h) for h in np.flatnonzero(masks.heads[i] != 0)] if attention_on else []
-        neurons = int(np.count_nonzero(masks.neurons[i])) if ffn_on else 0
+        heads = [int(h) for h in kept_units(masks.heads[i])] if attention_on else []
+        neurons = len(kept_units(masks.neurons[i])) if ffn_on else 0
         soft = {
             "attention_scale": float(masks.blocks[i, 0]) if attention_on and masks.blocks[i, 0] != 1 else None,
             "ffn_scale": float(masks.blocks[i, 1]) if ffn_on and masks.blocks[i, 1] != 1 else None,

@@ -26,7 +26,7 @@ class BenchRow:
     macs_ratio: float | None
 
 
-def _feed(session, batch: int, sequence: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+def _random_feed(session, batch: int, sequence: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, max(vocab, 6), size=(batch, sequence), dtype=np.int64)
     ids[:, 0], ids[:, -1] = 2, 3
@@ -58,7 +58,7 @@ def bench_bundle(
     for name in names:
         session = create_session(bundle.graph_file(entry, name), target, threads)
         vocab = bundle.manifest["router" if name == "router" else "student"]["vocab_size"]
-        sessions[name], feeds[name] = session, _feed(session, batch, sequence, vocab, seed)
+        sessions[name], feeds[name] = session, _random_feed(session, batch, sequence, vocab, seed)
     for _ in range(warmup):
         for name in names:
             sessions[name].run(None, feeds[name])

@@ -9,7 +9,6 @@ then per target: lower_for_target (lowering.py), write, parity; finally the mani
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,6 @@ from edgecompile.inputs.student import StudentSpec, load_student
 from edgecompile.progress import Progress
 from edgecompile.targets import Target, load_target
 from edgecompile.tokens import Encoded, encode, load_tokenizer
-
-REFERENCE_DIR = "reference"
-REFERENCE_OUTPUTS = "reference/outputs.safetensors"
-REFERENCE_SAMPLES = "reference/samples.txt"
-STUDENT_TOKENIZER = "tokenizer"
-ROUTER_TOKENIZER = "router_tokenizer"
-
 
 @dataclass
 class BuildRequest:
@@ -174,7 +166,9 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
         router = export_router(models.router)
         progress.note(f"dense: {len(dense.graph)} nodes; router: {len(router.graph)} nodes")
 
-    lowbit_modules = frozenset("model." + p.module for p in models.lowbit.linears)
+    from edgecompile.reference.student import GRAPH_PREFIX
+
+    lowbit_modules = frozenset(GRAPH_PREFIX + p.module for p in models.lowbit.linears)
     structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules)
     graphs = {"router": router, "dense": dense}
     dense_macs = macs_per_token(spec, kept_structure(spec, _all_kept(masks.clusters[0])))
@@ -209,39 +203,11 @@ def _all_kept(template: ClusterMasks) -> ClusterMasks:
     return ClusterMasks(-1, np.ones_like(template.blocks), np.ones_like(template.heads), np.ones_like(template.neurons))
 
 
-def _same_files(a: tuple[Path, ...], b: tuple[Path, ...]) -> bool:
-    return [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
-
-
-def _save_reference(path: Path, reference: dict[str, dict[str, list[np.ndarray]]]) -> None:
-    from safetensors.numpy import save_file
-
-    tensors = {
-        f"{graph}/{output}/{i:04d}": np.ascontiguousarray(array)
-        for graph, outputs in reference.items()
-        for output, arrays in outputs.items()
-        for i, array in enumerate(arrays)
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-
-
-def _write_tokenizers(root: Path, inputs: ValidatedInputs, models: LoadedModels) -> str:
-    """Copy tokenizer files; returns the folder the router uses (shared when the files are identical)."""
-    student_files = models.student_tokenizer_spec.tokenizer_files()
-    (root / STUDENT_TOKENIZER).mkdir(exist_ok=True)
-    for source in student_files:
-        shutil.copyfile(source, root / STUDENT_TOKENIZER / source.name)
-    if _same_files(student_files, inputs.router.tokenizer_files()):
-        return STUDENT_TOKENIZER
-    (root / ROUTER_TOKENIZER).mkdir(exist_ok=True)
-    for source in inputs.router.tokenizer_files():
-        shutil.copyfile(source, root / ROUTER_TOKENIZER / source.name)
-    return ROUTER_TOKENIZER
-
-
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
-    from edgecompile.bundle import Staging, file_table, write_json
+    from edgecompile.bundle import (
+        REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, Staging, file_table, save_reference, write_json,
+        write_tokenizers,
+    )
     from edgecompile.lowering import GraphLowBit
     from edgecompile.manifest import build_manifest
     from edgecompile.target_build import build_target
@@ -315,10 +281,8 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             raise
 
         with progress.step("writing tokenizers, reference outputs, reports and manifest"):
-            router_tokenizer = _write_tokenizers(root, inputs, models)
-            (root / REFERENCE_DIR).mkdir(exist_ok=True)
-            (root / REFERENCE_SAMPLES).write_text("\n".join(inputs.samples.texts) + "\n", encoding="utf-8")
-            _save_reference(root / REFERENCE_OUTPUTS, reference)
+            router_tokenizer = write_tokenizers(root, models.student_tokenizer_spec.tokenizer_files(), inputs.router.tokenizer_files())
+            save_reference(root, inputs.samples.texts, reference)
             write_json(root / "parity.json", parity_json(results, {t.name: t for t in inputs.targets}))
             (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
             manifest = build_manifest(

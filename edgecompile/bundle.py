@@ -30,6 +30,10 @@ import onnx_ir as ir
 from edgecompile.errors import BundleError, InputError
 
 SCHEMA_VERSION = "edgecompile-bundle/1"
+REFERENCE_OUTPUTS = "reference/outputs.safetensors"
+REFERENCE_SAMPLES = "reference/samples.txt"
+STUDENT_TOKENIZER = "tokenizer"
+ROUTER_TOKENIZER = "router_tokenizer"
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.bin"
 SHARED_THRESHOLD = 1024
@@ -153,6 +157,39 @@ def write_graphs(directory: Path, graphs: list[tuple[str, ir.Model]], shared_wei
             ir.save(model, directory / filename)
             needs[filename] = (directory / filename).stat().st_size + external
     return needs
+
+
+def _same_files(a: tuple[Path, ...], b: tuple[Path, ...]) -> bool:
+    return [p.name for p in a] == [p.name for p in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
+def write_tokenizers(root: Path, student_files: tuple[Path, ...], router_files: tuple[Path, ...]) -> str:
+    """Copy tokenizer files; returns the folder the router uses (shared when the files are identical)."""
+    (root / STUDENT_TOKENIZER).mkdir(exist_ok=True)
+    for source in student_files:
+        shutil.copyfile(source, root / STUDENT_TOKENIZER / source.name)
+    if _same_files(student_files, router_files):
+        return STUDENT_TOKENIZER
+    (root / ROUTER_TOKENIZER).mkdir(exist_ok=True)
+    for source in router_files:
+        shutil.copyfile(source, root / ROUTER_TOKENIZER / source.name)
+    return ROUTER_TOKENIZER
+
+
+def save_reference(root: Path, texts: tuple[str, ...], reference: dict[str, dict[str, list]]) -> None:
+    """The parity samples and the PyTorch reference outputs, so `verify` can re-check without the models."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    (root / REFERENCE_SAMPLES).parent.mkdir(parents=True, exist_ok=True)
+    (root / REFERENCE_SAMPLES).write_text("\n".join(texts) + "\n", encoding="utf-8")
+    tensors = {
+        f"{graph}/{output}/{i:04d}": np.ascontiguousarray(array)
+        for graph, outputs in reference.items()
+        for output, arrays in outputs.items()
+        for i, array in enumerate(arrays)
+    }
+    save_file(tensors, str(root / REFERENCE_OUTPUTS))
 
 
 def sha256_file(path: Path) -> str:

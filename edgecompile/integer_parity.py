@@ -21,9 +21,11 @@ import onnxruntime as ort
 import torch
 
 from edgecompile.inputs.masks import ClusterMasks
-from edgecompile.parity import Comparison, _batches
+from edgecompile.numerics import kept_units
+from edgecompile.parity import Comparison, batches
 from edgecompile.passes.prune_attention_heads import head_columns
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
+from edgecompile.reference.student import GRAPH_PREFIX
 from edgecompile.runtime import session_options
 from edgecompile.targets import Target
 from edgecompile.tokens import Encoded
@@ -37,8 +39,8 @@ def _projection(module: str, masks: ClusterMasks | None, head_size: int) -> tupl
     if masks is None or match is None:
         return None, None, 1.0
     layer, role = int(match.group(1)), match.group(2)
-    heads = head_columns(np.flatnonzero(masks.heads[layer] != 0), head_size)
-    neurons = np.flatnonzero(masks.neurons[layer] != 0)
+    heads = head_columns(kept_units(masks.heads[layer]), head_size)
+    neurons = kept_units(masks.neurons[layer])
     if role.startswith("attention.self"):
         return None, heads, 1.0
     if role == "attention.output.dense":
@@ -74,7 +76,7 @@ def check_integer_linears(
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     captured: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
-    for _, feed in _batches(samples, target):
+    for _, feed in batches(samples, target):
         results = dict(zip(names, session.run(names, {k: feed[k] for k in inputs})))
         for name in wanted:
             captured[name].append(results[name])
@@ -83,7 +85,7 @@ def check_integer_linears(
     worst_abs = worst_rel = 0.0
     with torch.no_grad():
         for group in groups:
-            quant_names = [m.removeprefix("model.") for m in group["modules"]]
+            quant_names = [m.removeprefix(GRAPH_PREFIX) for m in group["modules"]]
             for batch in range(len(captured[group["values"]["input"]])):
                 x = captured[group["values"]["input"]][batch]
                 codes = captured[group["values"]["codes"]][batch].astype(np.int32).reshape(x.shape) - 128

@@ -17,8 +17,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, RemoveUnus
 
 from edgecompile.inputs.lowbit import LowBitPlan
 from edgecompile.passes.lower_lowbit_linears import ActivationQuant
-
-STUDENT_PREFIX = "model."  # StudentModule keeps the Hugging Face model as `.model`
+from edgecompile.reference.student import GRAPH_PREFIX
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,8 @@ class GraphLowBit:
     @classmethod
     def from_plan(cls, plan: LowBitPlan) -> "GraphLowBit":
         return cls(
-            {STUDENT_PREFIX + p.module: ActivationQuant(p.activation, p.static_scale) for p in plan.linears},
-            None if plan.embedding is None else STUDENT_PREFIX + plan.embedding.module,
+            {GRAPH_PREFIX + p.module: ActivationQuant(p.activation, p.static_scale) for p in plan.linears},
+            None if plan.embedding is None else GRAPH_PREFIX + plan.embedding.module,
         )
 
 

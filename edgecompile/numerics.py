@@ -1,11 +1,13 @@
 """Numeric rules shared by the PyTorch reference, the input loaders and the graph rewrites.
 
-Each rule has ONE definition here; everything else calls it. See ../shared/DESIGN.md
-("Numeric contract") for where the rules come from.
+Each rule has ONE definition here (the low-bit rules live in reference/lowbit.py beside their
+straight-through estimators); everything else calls it. See README "Inputs" and "Binary and
+ternary students" for the contract.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # Hard-concrete stretch limits (Louizos et al. 2018), as used by IG-Pruning's learned masks.
@@ -26,3 +28,13 @@ def gate_is_removed(value: float) -> bool:
 
 def gate_is_identity(value: float) -> bool:
     return value == 1.0
+
+
+def kept_units(gates: np.ndarray) -> np.ndarray:
+    """Indices of the units a gate vector keeps (every non-zero gate)."""
+    return np.flatnonzero(gates != 0.0)
+
+
+def all_identity(gates: np.ndarray) -> bool:
+    """True when no unit is removed or scaled: the rewrite has nothing to do."""
+    return bool((gates == 1.0).all())

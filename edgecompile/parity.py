@@ -101,7 +101,7 @@ def compare_router(target: Target, refs: Outputs, gots: Outputs) -> list[Compari
     return [distances, ids]
 
 
-def _batches(samples: list[Encoded], target: Target, lines: list[int] | None = None):
+def batches(samples: list[Encoded], target: Target, lines: list[int] | None = None):
     """Yield (indices, feed) in the shapes the target accepts."""
     if target.dynamic_shapes:
         for start in range(0, len(samples), DYNAMIC_CHUNK):
@@ -127,7 +127,7 @@ def run_graph(path: Path, target: Target, samples: list[Encoded], threads: int =
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
     outputs: Outputs = {name: [None] * len(samples) for name in output_names}
-    for indices, feed in _batches(samples, target):
+    for indices, feed in batches(samples, target):
         results = session.run(output_names, {name: feed[name] for name in input_names})
         for name, value in zip(output_names, results):
             for row, index in enumerate(indices):

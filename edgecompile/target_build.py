@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecompile.errors import PlacementError
-from edgecompile.parity import TargetParity, _batches, check_target
+from edgecompile.parity import TargetParity, batches, check_target
 from edgecompile.placement import PlacementReport
 from edgecompile.progress import Progress
 from edgecompile.targets import Target, target_to_dict
@@ -33,8 +33,8 @@ def calibration_feeds(target: Target, models: Any) -> dict[str, list]:
     if "quantize_qdq" not in target.steps:
         return {}
     return {
-        "student": [feed for _, feed in _batches(models.student_samples, target)],
-        "router": [feed for _, feed in _batches(models.router_samples, target)],
+        "student": [feed for _, feed in batches(models.student_samples, target)],
+        "router": [feed for _, feed in batches(models.router_samples, target)],
     }
 
 

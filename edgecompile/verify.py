@@ -12,8 +12,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from edgecompile.build import REFERENCE_OUTPUTS, REFERENCE_SAMPLES
-from edgecompile.bundle import Bundle, check_hashes
+from edgecompile.bundle import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
 from edgecompile.errors import BundleError
 from edgecompile.parity import TargetParity, check_target
 from edgecompile.reference.evaluate import Outputs

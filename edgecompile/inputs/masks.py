@@ -34,9 +34,6 @@ class ClusterMasks:
     neurons: np.ndarray  # [L, I]
     given: tuple[str, ...] = ()  # which granularities the file declared
 
-    def is_dense(self) -> bool:
-        return all(bool((g == 1.0).all()) for g in (self.blocks, self.heads, self.neurons))
-
 
 @dataclass(frozen=True)
 class MaskSet:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgecompile.numerics import all_identity, kept_units
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
 from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
 from edgecompile.passes.tensors import replace_constant_input
@@ -32,10 +33,10 @@ class PruneAttentionHeads(ir.passes.InPlacePass):
         modified = False
         for layer in find_bert_layers(model, self.structure):
             gates = self.heads[layer.index]
-            if not layer.has_attention or bool((gates == 1.0).all()):
+            if not layer.has_attention or all_identity(gates):
                 continue
             modified = True
-            kept = np.flatnonzero(gates != 0.0)
+            kept = kept_units(gates)
             if kept.size == 0:
                 branch_to_bias(layer.attention_residual, layer.attention_output)
                 continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgecompile.numerics import all_identity, kept_units
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
 from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
 from edgecompile.passes.tensors import replace_constant_input
@@ -26,10 +27,10 @@ class PruneFfnNeurons(ir.passes.InPlacePass):
         modified = False
         for layer in find_bert_layers(model, self.structure):
             gates = self.neurons[layer.index]
-            if not layer.has_ffn or bool((gates == 1.0).all()):
+            if not layer.has_ffn or all_identity(gates):
                 continue
             modified = True
-            kept = np.flatnonzero(gates != 0.0)
+            kept = kept_units(gates)
             if kept.size == 0:
                 branch_to_bias(layer.ffn_residual, layer.ffn_output)
                 continue

@@ -52,13 +52,6 @@ class EncoderGates:
             attention.input_gate.copy_(heads.repeat_interleave(self.head_size))
             ffn.input_gate.copy_(torch.from_numpy(masks.neurons[i]).to(ffn.input_gate.dtype))
 
-    @torch.no_grad()
-    def clear(self) -> None:
-        for layer in self.layers:
-            for gated in (layer.attention.output.dense, layer.output.dense):
-                gated.input_gate.fill_(1.0)
-                gated.output_gate.fill_(1.0)
-
     def remove(self) -> None:
         """Put the original nn.Linear modules back (the model is then exactly as loaded)."""
         for layer in self.layers:

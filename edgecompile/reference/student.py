@@ -16,6 +16,9 @@ from edgecompile.inputs.student import StudentSpec
 from edgecompile.reference.pooling import l2_normalize, pool
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+# StudentModule keeps the Hugging Face model as `.model`, so exported node scopes (and the graph
+# module paths the passes use) are "model." + the Hugging Face module name.
+GRAPH_PREFIX = "model."
 
 
 class StudentModule(nn.Module):

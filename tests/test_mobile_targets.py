@@ -1,0 +1,57 @@
+"""xnnpack / nnapi / coreml: ORT-format bundles with estimated placement, checked on the CPU EP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import LAYERS, gates
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, st_student, router_encoder):
+    from conftest import centroids
+    from edgecompile.build import BuildRequest, build
+    from factories import write_masks
+
+    root = tmp_path_factory.mktemp("mobile")
+    masks = write_masks(root / "m.safetensors", {0: gates(blocks=np.ones((LAYERS, 2))), 1: gates(blocks=[[0, 1], [1, 0]])}, centroids(2))
+    build(BuildRequest(st_student, masks, router_encoder, root / "b", ["cpu", "xnnpack", "nnapi", "coreml"]))
+    return root / "b"
+
+
+@pytest.mark.parametrize("target,ep", [("xnnpack", "XnnpackExecutionProvider"), ("nnapi", "NnapiExecutionProvider"),
+                                       ("coreml", "CoreMLExecutionProvider")])
+def test_ort_files_config_and_estimated_placement(bundle, target, ep):
+    from onnxruntime.tools.reduced_build_config_parser import parse_config
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["targets"][target]
+    assert sorted(p.name for p in (bundle / target).iterdir()) == sorted(
+        [f"{g}.ort" for g in ("router", "dense", "cluster_0", "cluster_1")] + ["required_operators.config"])
+    assert entry["graphs"]["dense"]["file"] == f"{target}/dense.ort" and len(entry["graphs"]["dense"]["content_digest"]) == 64
+    assert entry["graphs"]["dense"]["inputs"][0]["shape"] == [1, 128]
+    assert "cannot run here" in entry["parity_executed_on"]
+    required, _ = parse_config(str(bundle / target / "required_operators.config"))
+    assert "MatMul" in required["ai.onnx"][13] or any("MatMul" in ops for ops in required["ai.onnx"].values())
+    for graph, placement in entry["placement"].items():
+        assert placement["ep"] == ep and placement["method"].startswith("static estimate")
+        assert 0 < placement["nodes_by_ep"][ep] <= placement["total_nodes"]
+        assert not placement["fully_placed"] or target == "coreml"
+    report = (bundle / "parity.md").read_text()
+    assert f"### Placement on '{target}'" in report and f"**{ep} cannot run on the build machine" in report
+
+
+def test_mobile_parity_ran_on_the_ort_files(bundle, cli):
+    rows = json.loads((bundle / "parity.json").read_text())["targets"]
+    assert set(rows) == {"cpu", "xnnpack", "nnapi", "coreml"}
+    for target, data in rows.items():
+        assert data["passed"] and all(r["passed"] for r in data["rows"]), target
+    code, out, err = cli("verify", bundle)
+    assert code == 0, err
+    code, out, _ = cli("inspect", bundle)
+    assert "ESTIMATED" in out and "[executed]" in out
+    code, out, _ = cli("run", bundle, "--target", "nnapi", "--text", "where is the station")
+    assert code == 0 and json.loads(out)["target"] == "nnapi"
