@@ -87,6 +87,17 @@ def build_target(
             progress.note(f"{p.graph}: {p.on_target}/{p.total_nodes} nodes on {p.ep}, {p.partitions} partition(s)")
         if target.strict_placement and not all(p.fully_placed for p in placements):
             raise placement_failure(target, [p for p in placements if not p.fully_placed])
+    epcontext: dict[str, str] = {}
+    if target.epcontext:
+        from edgecompile.epcontext import check_same_outputs, compile_epcontext
+
+        with progress.step(f"compiling EPContext models for '{target.name}'"):
+            for name in lowered:
+                source, cached = folder / f"{name}.onnx", folder / f"{name}.ctx.onnx"
+                compile_epcontext(source, cached, target)
+                samples = models.router_samples if name == "router" else models.student_samples
+                check_same_outputs(source, cached, target, next(batches(samples[:1], target))[1])
+                epcontext[name] = f"{target.name}/{name}.ctx.onnx"
     extension = "onnx"
     digests: dict[str, str] = {}
     if target.format == "ort":
@@ -124,7 +135,8 @@ def build_target(
         "target": target_to_dict(target),
         "graphs": {
             name: {"file": f"{target.name}/{name}.{extension}", **graph_signature(model),
-                   **({"content_digest": digests[name]} if name in digests else {})}
+                   **({"content_digest": digests[name]} if name in digests else {}),
+                   **({"epcontext": epcontext[name]} if name in epcontext else {})}
             for name, model in lowered.items()
         },
         "placement": {p.graph: p.to_dict() for p in placements},

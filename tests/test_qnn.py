@@ -107,3 +107,16 @@ def test_sample_longer_than_the_fixed_sequence_is_reported(st_student, router_en
     code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b",
                        "--target", short, "--samples", samples, "-q")
     assert code == 2 and "samples.txt: line 2" in err and "at most 32 tokens" in err and "not truncated silently" in err
+
+
+def test_epcontext_models_are_cached_and_identical(st_student, router_encoder, masks, tmp_path):
+    import onnx
+
+    cached = tmp_path / "qnn-ctx.toml"
+    cached.write_text(QNN.replace("shared_weights = true", "shared_weights = true\nepcontext = true"))
+    result = build(st_student, router_encoder, masks, tmp_path / "b", target=cached)
+    graphs = result.manifest["targets"]["qnn-htp"]["graphs"]
+    for name, info in graphs.items():
+        model = onnx.load(str(tmp_path / "b" / info["epcontext"]))
+        assert [n.op_type for n in model.graph.node] == ["EPContext"], name  # the compiled HTP program, embedded
+        assert info["epcontext"] in result.manifest["files"]
