@@ -279,12 +279,22 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         section = need(manifest, role, dict, "")
         for key, kind in (("tokenizer", str), ("max_seq_length", int), ("vocab_size", int)):
             need(section, key, kind, f"{role}.")
-    need(manifest, "clusters", list, "")
+    for i, cluster in enumerate([need(manifest, "dense", dict, "")] + need(manifest, "clusters", list, "")):
+        where = "dense." if i == 0 else f"clusters[{i - 1}]."
+        for key, kind in (("graph", str), ("parameters", int), ("macs_per_token", dict), ("bytes", dict)):
+            need(cluster, key, kind, where)
+        if i:
+            need(cluster, "kept", dict, where)
+    for key in ("report", "data"):
+        need(need(manifest, "parity", dict, ""), key, str, "parity.")
     files = need(manifest, "files", dict, "")
     for rel, entry in files.items():
         need(entry, "sha256", str, f"files[{rel}].")
     for name, target in need(manifest, "targets", dict, "").items():
         need(target, "target", dict, f"targets.{name}.")
+        for key, kind in (("provider", str), ("precision", str), ("format", str), ("parity_executed_on", str),
+                          ("dynamic_shapes", bool), ("placement", dict)):
+            need(target, key, kind, f"targets.{name}.")
         for graph, info in need(target, "graphs", dict, f"targets.{name}.").items():
             file = need(info, "file", str, f"targets.{name}.graphs.{graph}.")
             if file not in files:

@@ -41,12 +41,20 @@ def bundle_summary(bundle: Bundle) -> str:
     try:
         parity = json.loads((bundle.root / m["parity"]["data"]).read_text())
         for name, t in parity["targets"].items():
-            rel = [row["max_relative_error"] for row in t["rows"] if row["max_relative_error"] is not None]
+            lowbit = set(m["targets"][name].get("lowbit_graphs", []))
+
+            def is_lowbit(row: dict) -> bool:  # the rows gated by the lowbit_* tolerances
+                return "integer" not in row["output"] and (row["graph"] in lowbit or (row["graph"] == "end-to-end" and bool(lowbit)))
+
+            tol = t["tolerances"]
+            parts = []
+            for label, rows, limit in (("exact", [r for r in t["rows"] if not is_lowbit(r)], tol["max_relative_error"]),
+                                       ("low-bit end to end", [r for r in t["rows"] if is_lowbit(r)], tol["lowbit_max_relative_error"])):
+                rel = [r["max_relative_error"] for r in rows if r["max_relative_error"] is not None]
+                if rel:
+                    parts.append(f"{label}: worst max rel error {max(rel):.3g} (tolerance {limit:g})")
             agree = [row["agreement"] for row in t["rows"] if row["output"] == "cluster_id"]
-            lines.append(
-                f"         {name}: worst max rel error {max(rel):.3g} (tolerance {t['tolerances']['max_relative_error']:g}), "
-                f"router agreement {min(agree) if agree else 1:.3f}"
-            )
+            lines.append(f"         {name}: {'; '.join(parts)}; router agreement {min(agree) if agree else 1:.3f}")
     except (OSError, ValueError, KeyError):
         lines.append("         (parity.json unreadable)")
 
