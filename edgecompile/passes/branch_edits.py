@@ -44,3 +44,21 @@ def scale_linear_input(graph: ir.Graph, site: LinearSite, weight: np.ndarray, sc
         set_module(mul, module_of(site.matmul))
         graph.insert_before(site.matmul, mul)
         site.matmul.replace_input_with(0, mul.outputs[0])
+
+
+def keep_inner_units(
+    graph: ir.Graph, ups: list[LinearSite], down: LinearSite, residual_add: ir.Node,
+    columns: np.ndarray, scales: np.ndarray, keep_weights: bool,
+) -> None:
+    """Keep only `columns` of a branch's inner width: outputs of the `ups`, inputs of `down`.
+
+    The kept units' gates (`scales`, one per column) are applied on `down`'s input; with no column
+    left the branch reduces to `down`'s bias.
+    """
+    if columns.size == 0:
+        branch_to_bias(residual_add, down)
+        return
+    for site in ups:
+        replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
+        replace_constant_input(graph, site.bias_add, site.bias_index, site.bias_array()[columns], f"{site.module}.bias")
+    scale_linear_input(graph, down, down.weight_array()[columns, :], scales, keep_weights)

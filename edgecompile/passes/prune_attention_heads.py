@@ -13,8 +13,7 @@ import onnx_ir as ir
 
 from edgecompile.numerics import all_identity, kept_units
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
-from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
-from edgecompile.passes.tensors import replace_constant_input
+from edgecompile.passes.branch_edits import keep_inner_units
 
 
 def head_columns(kept_heads: np.ndarray, head_size: int) -> np.ndarray:
@@ -37,14 +36,8 @@ class PruneAttentionHeads(ir.passes.InPlacePass):
                 continue
             modified = True
             kept = kept_units(gates)
-            if kept.size == 0:
-                branch_to_bias(layer.attention_residual, layer.attention_output)
-                continue
-            columns = head_columns(kept, size)
-            for site in (layer.query, layer.key, layer.value):
-                replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
-                replace_constant_input(graph, site.bias_add, site.bias_index, site.bias_array()[columns], f"{site.module}.bias")
             out = layer.attention_output
-            scales = np.repeat(gates[kept], size).astype(np.float32)
-            scale_linear_input(graph, out, out.weight_array()[columns, :], scales, out.module in self.structure.lowbit_modules)
+            keep_inner_units(graph, [layer.query, layer.key, layer.value], out, layer.attention_residual,
+                             head_columns(kept, size), np.repeat(gates[kept], size).astype(np.float32),
+                             out.module in self.structure.lowbit_modules)
         return ir.passes.PassResult(model, modified=modified)

@@ -12,8 +12,7 @@ import onnx_ir as ir
 
 from edgecompile.numerics import all_identity, kept_units
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
-from edgecompile.passes.branch_edits import branch_to_bias, scale_linear_input
-from edgecompile.passes.tensors import replace_constant_input
+from edgecompile.passes.branch_edits import keep_inner_units
 
 
 class PruneFfnNeurons(ir.passes.InPlacePass):
@@ -31,11 +30,7 @@ class PruneFfnNeurons(ir.passes.InPlacePass):
                 continue
             modified = True
             kept = kept_units(gates)
-            if kept.size == 0:
-                branch_to_bias(layer.ffn_residual, layer.ffn_output)
-                continue
-            up, down = layer.intermediate, layer.ffn_output
-            replace_constant_input(graph, up.matmul, 1, up.weight_array()[:, kept], f"{up.module}.weight_t")
-            replace_constant_input(graph, up.bias_add, up.bias_index, up.bias_array()[kept], f"{up.module}.bias")
-            scale_linear_input(graph, down, down.weight_array()[kept, :], gates[kept], down.module in self.structure.lowbit_modules)
+            down = layer.ffn_output
+            keep_inner_units(graph, [layer.intermediate], down, layer.ffn_residual, kept, gates[kept],
+                             down.module in self.structure.lowbit_modules)
         return ir.passes.PassResult(model, modified=modified)
