@@ -217,7 +217,8 @@ def graph_signature(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
         dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
         return {"name": value.name, "dtype": dtype, "shape": dims}
 
-    return {"inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
+    return {"opset": int(model.opset_imports.get("", 0)),
+            "inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -62,16 +62,22 @@ def check_integer_linears(
     threads: int = 0,
 ) -> Comparison:
     debug = model.clone()
-    values = {v.name: v for n in debug.graph for v in n.outputs}
-    values.update({v.name: v for v in debug.graph.inputs})
+    nodes = {n.name: n for n in debug.graph}
+    values: dict[str, ir.Value] = {}  # (group index, role) -> value, read off the stable node names
+
+    def value_of(group: dict[str, Any], role: str) -> ir.Value:
+        node = nodes[group["nodes"][role]]
+        return node.inputs[0] if role == "input" else node.outputs[0]
+
     wanted: list[str] = []
-    for group in groups:
-        for key in ("input", "codes", "output"):
-            name = group["values"][key]
-            if name not in wanted:  # Q/K/V with different quantizers share one input value
-                wanted.append(name)
-                if values[name] not in debug.graph.outputs:
-                    debug.graph.outputs.append(values[name])
+    for i, group in enumerate(groups):
+        for role in ("input", "codes", "output"):
+            value = value_of(group, role)
+            values[f"{i}.{role}"] = value
+            if value.name not in wanted:  # Q/K/V with different quantizers share one input value
+                wanted.append(value.name)
+                if value not in debug.graph.outputs:
+                    debug.graph.outputs.append(value)
     session = ort.InferenceSession(ir.to_proto(debug).SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
@@ -84,12 +90,13 @@ def check_integer_linears(
     mismatched = total = 0
     worst_abs = worst_rel = 0.0
     with torch.no_grad():
-        for group in groups:
+        for i, group in enumerate(groups):
             quant_names = [m.removeprefix(GRAPH_PREFIX) for m in group["modules"]]
-            for batch in range(len(captured[group["values"]["input"]])):
-                x = captured[group["values"]["input"]][batch]
-                codes = captured[group["values"]["codes"]][batch].astype(np.int32).reshape(x.shape) - 128
-                y_onnx = captured[group["values"]["output"]][batch]
+            x_name, codes_name, y_name = (values[f"{i}.{role}"].name for role in ("input", "codes", "output"))
+            for batch in range(len(captured[x_name])):
+                x = captured[x_name][batch]
+                codes = captured[codes_name][batch].astype(np.int32).reshape(x.shape) - 128
+                y_onnx = captured[y_name][batch]
                 expected_codes, outputs = None, []
                 for module, name in zip(group["modules"], quant_names):
                     linear = reference[name]

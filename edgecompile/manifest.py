@@ -60,7 +60,7 @@ def build_manifest(
     return {
         "schema": SCHEMA_VERSION,
         "tool": tool_versions(),
-        "opset": OPSET,
+        "export_opset": OPSET,  # each graph's own opset (after its target's steps) is under targets.*.graphs
         "student": {
             "name": spec.path.name,
             "family": spec.family,

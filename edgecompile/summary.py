@@ -21,7 +21,7 @@ def bundle_summary(bundle: Bundle) -> str:
     tool = m["tool"]
     lines = [
         f"bundle   {bundle.root}  ({m['schema']}; edgecompile {tool['edgecompile']}, onnx {tool['onnx']}, "
-        f"onnxruntime {tool['onnxruntime']}, opset {m['opset']})",
+        f"onnxruntime {tool['onnxruntime']}, exported at opset {m['export_opset']})",
         f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads, "
         f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
         f"router   {r['name']}: {r['pooling']} pooling{', normalized' if r['normalize'] else ''}"

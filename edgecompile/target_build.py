@@ -153,6 +153,6 @@ def _public(report: dict[str, Any]) -> dict[str, Any]:
     report = dict(report)
     if "lowbit" in report and "linear_groups" in report["lowbit"]:
         lowbit = dict(report["lowbit"])
-        lowbit["linear_groups"] = [{k: v for k, v in g.items() if k != "values"} for g in lowbit["linear_groups"]]
+        lowbit["linear_groups"] = [{k: v for k, v in g.items() if k != "nodes"} for g in lowbit["linear_groups"]]
         report["lowbit"] = lowbit
     return report

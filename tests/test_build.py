@@ -43,7 +43,12 @@ def bundle(tmp_path_factory, st_student, router_encoder, masks_path) -> Path:
 def test_bundle_contents_and_manifest(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["schema"] == "edgecompile-bundle/1"
-    assert {"edgecompile", "onnx", "onnxruntime"} <= set(manifest["tool"]) and manifest["opset"] == 17
+    assert {"edgecompile", "onnx", "onnxruntime"} <= set(manifest["tool"]) and manifest["export_opset"] == 17
+    # the cpu target fuses attention into the ONNX Attention op (opset 23) wherever attention is left
+    lowering = manifest["targets"]["cpu"]["lowering"]
+    assert lowering["dense"]["fused_attention"] == LAYERS and lowering["cluster_3"]["fused_attention"] == 0
+    for name, graph in manifest["targets"]["cpu"]["graphs"].items():
+        assert graph["opset"] == (23 if lowering[name]["fused_attention"] else 17), name
     for name in ["router.onnx", "dense.onnx", "weights.bin"] + [f"cluster_{k}.onnx" for k in CLUSTERS]:
         assert (bundle / "cpu" / name).is_file(), name
     for name in ["parity.json", "parity.md", "reference/samples.txt", "reference/outputs.safetensors", "tokenizer/vocab.txt"]:

@@ -119,6 +119,8 @@ class LowerLowBitLinears(ir.passes.InPlacePass):
         for i, node in enumerate(tape.nodes):
             set_module(node, module)
             node.name = f"/{module.replace('.', '/')}/lowbit/{node.op_type}_{i}"
+        # the first node reading x: its input 0 is what the quantizer sees
+        quantizer_entry = next(n for n in tape.nodes if n.inputs and n.inputs[0] is x)
         for value in tape.initializers:
             graph.register_initializer(value)
         graph.insert_before(sites[0].matmul, tape.nodes)
@@ -136,6 +138,7 @@ class LowerLowBitLinears(ir.passes.InPlacePass):
             "packing": scheme.name,
             "packed_bytes": packed_bytes + alpha.nbytes,
             "fp32_bytes": int(codes.size * 4),
-            # Values the teacher-forced parity check captures (names are final after NameFixPass).
-            "values": {"input": x, "codes": codes_value, "output": y},
+            # Nodes the teacher-forced parity check reads its values from (node names are stable; value
+            # names and even the input value can change in later steps, e.g. attention fusion).
+            "nodes": {"input": quantizer_entry.name, "codes": codes_value.producer().name, "output": y.producer().name},
         })
