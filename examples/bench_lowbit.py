@@ -123,14 +123,21 @@ def main() -> None:
     static_target = out / "cpu_static_bench.toml"
     cpu = (HERE.parent / "targets" / "cpu.toml").read_text()
     static_target.write_text(cpu.replace("lowbit_min_cosine = 0.999", "lowbit_min_cosine = 0.998"))
-    manifests = {"fp32": build(minilm(), masks, out / "bundle_fp32")}
+    # The baselines are the dense export as exported and quantize_dynamic of it: no lowering steps.
+    export_target = out / "cpu_export_only.toml"
+    export_target.write_text(cpu.replace('steps = ["lower_lowbit_integer", "fuse_attention"]', "steps = []"))
+    manifests = {"fp32": build(minilm(), masks, out / "bundle_fp32", str(export_target)),
+                 "fp32_fused": build(minilm(), masks, out / "bundle_fp32_fused")}
     for name, student in students.items():
         manifests[name] = build(student, masks, out / f"bundle_{name}", str(static_target) if "static" in name else "cpu")
+    for name in ("bundle_fp32", "bundle_fp32_fused"):
+        assert (out / name / "manifest.json").is_file()
 
     graphs: dict[str, Path] = {}
     for part, graph in (("full", "cluster_0"), ("half", "cluster_1")):
         fp32 = standalone(out / "bundle_fp32" / "cpu" / f"{graph}.onnx", out / f"fp32_{part}.onnx")
         graphs[f"fp32 {part}"] = fp32
+        graphs[f"edgecompile fp32 (attention fused) {part}"] = standalone(out / "bundle_fp32_fused" / "cpu" / f"{graph}.onnx", out / f"fp32_fused_{part}.onnx")
         quantize_dynamic(str(fp32), str(out / f"qd_{part}.onnx"))
         graphs[f"quantize_dynamic {part}"] = out / f"qd_{part}.onnx"
         for name in students:
