@@ -241,7 +241,7 @@ def entry(**overrides):
     "sidecar,needles",
     [
         (entry(modules=["encoder.layer.*.atention.self.query"]), ["linear[0].modules", "no match", "encoder.layer.0"]),
-        (entry(modules=["pooler.dense"]), ["no match"]),
+        (entry(modules=["pooler.dense"]), ["no match"]),  # the ST student has no pooler: a name that does not exist
         (entry(bits=4), ["linear[0].bits", "1 (binary) or 2 (ternary)", "found 4"]),
         (entry(groups="column"), ["linear[0].groups", "'row', 'matrix'", "'column'"]),
         (entry(groups=5), ["groups for encoder.layer.0.attention.self.query", "dividing the weight's 32x32", "found 5"]),
@@ -295,3 +295,13 @@ def test_almost_lowbit_checkpoint_is_reported_not_rounded(cli, student_with, rou
     masks = masks_file({0: gates(blocks=np.ones((LAYERS, 2)))})
     result = cli("build", path, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b", "-q")
     assert_one_line_error(result, "tensor encoder.layer.1.attention.self.key.weight", "exactly sign * alpha per row", "1 values off")
+
+
+def test_pooler_and_classifier_stay_fp32(cli, router_encoder, masks_file, tmp_path):
+    from test_bad_inputs import assert_one_line_error
+
+    student = make_bert(tmp_path / "cls", family="seqcls", seed=24)
+    (student / "edgecompile.json").write_text(json.dumps(entry(modules=["bert.pooler.dense"])))
+    masks = masks_file({0: gates(blocks=np.ones((LAYERS, 2)))})
+    result = cli("build", student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b", "-q")
+    assert_one_line_error(result, "encoder Linear layers (pooler and classifier stay fp32)", "bert.pooler.dense")
