@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.errors import InputError, ParityError, input_error
+from edgecompile.errors import ParityError, input_error
 from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan
 from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
@@ -114,19 +114,6 @@ def _check_vocab(spec: StudentSpec, tokenizer, source: Path) -> None:
         raise input_error(source, "tokenizer vocabulary", f"at most the model's vocab_size {vocab}", len(tokenizer))
 
 
-def _check_fixed_lengths(targets: tuple[Target, ...], encoded: list[Encoded], samples: Samples, which: str) -> None:
-    for target in targets:
-        if target.dynamic_shapes:
-            continue
-        for sample, line in zip(encoded, samples.lines):
-            if sample.length > target.sequence:
-                raise input_error(
-                    samples.source, f"line {line} ({which} tokens)",
-                    f"at most {target.sequence} tokens (target '{target.name}' shapes.sequence; not truncated silently)",
-                    sample.length,
-                )
-
-
 def load_models(inputs: ValidatedInputs) -> LoadedModels:
     import torch
 
@@ -149,8 +136,11 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     student_max, router_max = _max_length(inputs.student, student_tokenizer), _max_length(inputs.router, router_tokenizer)
     student_samples = encode(student_tokenizer, inputs.samples.texts, student_max)
     router_samples = encode(router_tokenizer, inputs.samples.texts, router_max)
-    _check_fixed_lengths(inputs.targets, student_samples, inputs.samples, "student")
-    _check_fixed_lengths(inputs.targets, router_samples, inputs.samples, "router")
+    from edgecompile.parity import check_fits
+
+    for target in inputs.targets:  # fail before any export, with the samples file's line numbers
+        check_fits(student_samples, target, inputs.samples.source, inputs.samples.lines, "student")
+        check_fits(router_samples, target, inputs.samples.source, inputs.samples.lines, "router")
     return LoadedModels(student, router, tokenizer_spec, student_max, router_max, student_samples, router_samples, lowbit)
 
 
@@ -214,7 +204,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     from edgecompile.parity import parity_json, parity_markdown, parity_table
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
     from edgecompile.integer_parity import check_integer_linears
-    from edgecompile.reference.lowbit import QuantizedLinears, QuantLinear
+    from edgecompile.reference.lowbit import QuantizedLinears
 
     progress = progress or Progress(quiet=True)
     with progress.step("validating inputs"):
@@ -244,13 +234,11 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         reference["router"] = router_outputs(models.router, models.router_samples)
 
     graph_lowbit = GraphLowBit.from_plan(models.lowbit)
-    hf_modules = dict(models.student.model.named_modules())
-    quant_reference = {p.module: QuantLinear(hf_modules[p.module], p.activation, p.static_scale) for p in models.lowbit.linears}
+    quant_reference = quantized.quantized
     masks_by_graph = {f"cluster_{c.index}": c for c in masks.clusters}
 
-    def integer_check(target, lowered, lowering) -> list:
+    def integer_check(target, lowered, groups) -> list:
         """Teacher-forced exactness of every integer-lowered low-bit Linear group (see integer_parity.py)."""
-        groups = {n: r["lowbit"]["linear_groups"] for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")}
         if not groups or not quant_reference:
             return []
         with progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
@@ -260,7 +248,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
 
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
-        results, target_entries, graph_bytes, lowering_reports = [], {}, {}, {}
+        results, target_entries, graph_bytes = [], {}, {}
         try:
             for target in inputs.targets:
                 outcome = build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check,
@@ -268,7 +256,6 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
                 results.append(outcome.parity)
                 target_entries[target.name] = outcome.entry
                 graph_bytes[target.name] = outcome.graph_bytes
-                lowering_reports[target.name] = outcome.lowering
             table = parity_table(results)
             if not all(r.passed for r in results):
                 (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
@@ -287,7 +274,6 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
             manifest = build_manifest(
                 inputs, models, compiled, target_entries, graph_bytes, file_table(root),
-                lowering_reports,
                 tokenizers={"student": STUDENT_TOKENIZER, "router": router_tokenizer},
                 reference={"outputs": REFERENCE_OUTPUTS, "samples": REFERENCE_SAMPLES},
             )

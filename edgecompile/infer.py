@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from edgecompile.bundle import Bundle
-from edgecompile.errors import input_error
+from edgecompile.parity import check_fits
 from edgecompile.runtime import create_session
 from edgecompile.targets import target_from_dict
 from edgecompile.tokens import encode, load_tokenizer, pad_batch
@@ -25,8 +25,7 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
     def tokens(role: str):
         info = bundle.manifest[role]
         encoded = encode(load_tokenizer(bundle.root / info["tokenizer"]), [text], info["max_seq_length"])
-        if length is not None and encoded[0].length > length:
-            raise input_error("--text", f"{role} tokens", f"at most {length} (target '{target.name}' has fixed shapes)", encoded[0].length)
+        check_fits(encoded, target, "--text", which=role)
         return encoded[0], pad_batch(encoded, length)
 
     router_sample, router_batch = tokens("router")

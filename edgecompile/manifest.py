@@ -37,7 +37,6 @@ def build_manifest(
     target_entries: dict[str, dict[str, Any]],
     graph_bytes: dict[str, dict[str, int]],
     files: dict[str, dict[str, Any]],
-    lowering: dict[str, dict[str, dict[str, Any]]],
     tokenizers: dict[str, str],
     reference: dict[str, str],
 ) -> dict[str, Any]:
@@ -73,7 +72,7 @@ def build_manifest(
             "max_seq_length": models.student_max_length,
             "vocab_size": int(spec.config["vocab_size"]),
             "tokenizer": tokenizers["student"],
-            "precision": describe_plan(models.lowbit, models.student.model),
+            "precision": describe_plan(models.lowbit),
         },
         "router": {
             "name": router.path.name,

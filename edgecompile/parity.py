@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecompile.errors import InputError
+from edgecompile.errors import input_error
 from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS, Outputs
 from edgecompile.runtime import create_session
 from edgecompile.targets import Target
@@ -101,20 +101,28 @@ def compare_router(target: Target, refs: Outputs, gots: Outputs) -> list[Compari
     return [distances, ids]
 
 
-def batches(samples: list[Encoded], target: Target, lines: list[int] | None = None):
+def check_fits(samples: list[Encoded], target: Target, source: str = "samples", lines: tuple[int, ...] | None = None,
+               which: str = "") -> None:
+    """A fixed-shape target takes at most `sequence` tokens: a longer input is an error, never truncated."""
+    if target.dynamic_shapes:
+        return
+    for i, sample in enumerate(samples):
+        if sample.length > target.sequence:
+            raise input_error(
+                source, f"line {lines[i] if lines else i + 1}{f' ({which} tokens)' if which else ''}",
+                f"at most {target.sequence} tokens (target '{target.name}' shapes.sequence; not truncated silently)",
+                sample.length,
+            )
+
+
+def batches(samples: list[Encoded], target: Target):
     """Yield (indices, feed) in the shapes the target accepts."""
     if target.dynamic_shapes:
         for start in range(0, len(samples), DYNAMIC_CHUNK):
             chunk = samples[start : start + DYNAMIC_CHUNK]
             yield list(range(start, start + len(chunk))), pad_batch(chunk)
         return
-    for i, sample in enumerate(samples):
-        if sample.length > target.sequence:
-            line = lines[i] if lines else i + 1
-            raise InputError(
-                f"samples line {line}: sequence length: expected at most {target.sequence} tokens "
-                f"(target '{target.name}' shapes.sequence), found {sample.length}; not truncating silently"
-            )
+    check_fits(samples, target)
     for start in range(0, len(samples), target.batch):
         chunk = samples[start : start + target.batch]
         rows = chunk + [chunk[-1]] * (target.batch - len(chunk))

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgecompile.errors import EdgecompileError, one_line
 from edgecompile.placement import EXECUTED, PlacementReport, UnsupportedNodes
-from edgecompile.runtime import configure, session_options
+from edgecompile.runtime import configure, open_session, session_options
 from edgecompile.targets import Target
 
 _LOG_LOCK = threading.Lock()  # the logger callback is process-wide
@@ -41,7 +40,7 @@ def _assigned_session(path: Path, target: Target, verbose_log: list[str] | None)
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     providers = configure(options, target, strict=False)
     if verbose_log is None:
-        return _create(path, target, options, providers)
+        return open_session(path, target, options, providers)
 
     def collect(severity: int, category: str, logid: str, location: str, message: str) -> None:
         if "LogNodeSupport" in location or "Validation FAILED" in message or "backendValidateOpConfig" in message:
@@ -51,17 +50,10 @@ def _assigned_session(path: Path, target: Target, verbose_log: list[str] | None)
         ort.set_default_logger_callback(collect, 0)
         options.log_severity_level = 0
         try:
-            return _create(path, target, options, providers)
+            return open_session(path, target, options, providers)
         finally:
             ort.set_default_logger_callback(None)
             ort.set_default_logger_severity(3)
-
-
-def _create(path: Path, target: Target, options: ort.SessionOptions, providers) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as exc:
-        raise EdgecompileError(f"{path}: {target.provider} could not compile the graph ({one_line(exc)})") from None
 
 
 def session_placement(path: Path, target: Target, graph: str) -> PlacementReport:

@@ -76,13 +76,16 @@ def configure(options: ort.SessionOptions, target: Target, strict: bool) -> list
     return [(target.provider, provider_options(target)), "CPUExecutionProvider"]
 
 
+def open_session(path: Path, target: Target, options: ort.SessionOptions, providers: list[Any] | None) -> ort.InferenceSession:
+    """InferenceSession with `configure`d options; an onnxruntime failure becomes one line naming the file."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
+
+
 def create_session(path: Path, target: Target, threads: int = 0, strict: bool | None = None) -> ort.InferenceSession:
     """A session on the target's parity EP; strict (default: the target's strict_placement) disables fallback."""
     options = session_options(threads)
     providers = configure(options, target, target.strict_placement if strict is None else strict)
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except EdgecompileError:
-        raise
-    except Exception as exc:
-        raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
+    return open_session(path, target, options, providers)

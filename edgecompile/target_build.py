@@ -26,7 +26,6 @@ class TargetOutcome:
     entry: dict[str, Any]  # the manifest's targets[name]
     parity: TargetParity
     graph_bytes: dict[str, int]
-    lowering: dict[str, dict[str, Any]]
 
 
 def calibration_feeds(target: Target, models: Any) -> dict[str, list]:
@@ -77,7 +76,9 @@ def build_target(
             graphs, target, lowbit, calibration_feeds(target, models),
             progress=progress.note if "quantize_qdq" in target.steps else None,
         )
-    integer_rows = integer_check(target, lowered, lowering) if integer_check else []
+    # graphs whose Linears were lowered to integer kernels (their activations are quantized)
+    lowbit_groups = {n: r["lowbit"]["linear_groups"] for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")}
+    integer_rows = integer_check(target, lowered, lowbit_groups) if integer_check else []
     with progress.step(f"writing graphs for target '{target.name}'"):
         needs = write_graphs(folder, [(f"{n}.onnx", m) for n, m in lowered.items()], target.shared_weights and target.format == "onnx")
         graph_bytes = {name.removesuffix(".onnx"): size for name, size in needs.items()}
@@ -112,7 +113,7 @@ def build_target(
             (folder / WEIGHTS).unlink(missing_ok=True)
             write_required_operators_config([folder / f"{n}.ort" for n in lowered], folder / REQUIRED_OPERATORS)
             extension = "ort"
-    lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
+    lowbit_graphs = sorted(lowbit_groups)
     with progress.step(f"parity on '{target.name}' ({target.parity_provider})"):
         paths = {name: folder / f"{name}.{extension}" for name in lowered}
         result = check_target(
@@ -145,7 +146,7 @@ def build_target(
         "lowering": {name: _public(report) for name, report in lowering.items()},
         **({"required_operators": f"{target.name}/{REQUIRED_OPERATORS}"} if target.format == "ort" else {}),
     }
-    return TargetOutcome(entry, result, graph_bytes, lowering)
+    return TargetOutcome(entry, result, graph_bytes)
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 
 from conftest import LAYERS, gates
 from edgecompile.parity import compare

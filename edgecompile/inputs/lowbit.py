@@ -273,7 +273,7 @@ def materialize(model, plan: LowBitPlan) -> None:
             weight.copy_(fake_quantize_weight(weight, plan.embedding.bits, "row"))
 
 
-def describe_plan(plan: LowBitPlan, model) -> dict[str, Any]:
+def describe_plan(plan: LowBitPlan) -> dict[str, Any]:
     """For the manifest: what is low-bit, how, and what stays fp32."""
     if plan.empty:
         return {"lowbit": None, "fp32": "every tensor"}

@@ -26,20 +26,16 @@ from edgecompile.reference.lowbit import recover_codes
 CODE_SCALE = 127
 
 
-def _node(graph: ir.Graph, op: str, inputs: list, attributes: dict, module: str, anchor: ir.Node) -> ir.Value:
-    node = ir.node(op, inputs, attributes, name=f"/{module.replace('.', '/')}/lowbit/{op}")
-    set_module(node, module)
-    graph.insert_before(anchor, node)
-    return node.outputs[0]
-
-
 def _dequantized(graph: ir.Graph, codes: np.ndarray, scale: np.ndarray, axis: int, module: str, anchor: ir.Node) -> ir.Value:
-    """DequantizeLinear(int8 codes * c, scale) with zero point 0 (per channel along `axis` when scale is 1-D)."""
+    """DequantizeLinear(int8 codes * c, per-channel scale along `axis`) with zero point 0, before `anchor`."""
     stored = (codes.astype(np.int32) * CODE_SCALE).astype(np.int8)
     q = new_initializer(graph, stored, f"{module}.codes_x{CODE_SCALE}")
     s = new_initializer(graph, scale.astype(np.float32), f"{module}.code_scale")
     z = new_initializer(graph, np.zeros(scale.shape, np.int8), f"{module}.zero_point")
-    return _node(graph, "DequantizeLinear", [q, s, z], {"axis": axis} if scale.ndim else {}, module, anchor)
+    node = ir.node("DequantizeLinear", [q, s, z], {"axis": axis}, name=f"/{module.replace('.', '/')}/lowbit/DequantizeLinear")
+    set_module(node, module)
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
 
 
 class LowBitWeightsToDequantize(ir.passes.InPlacePass):

@@ -201,12 +201,14 @@ class QuantizedLinears:
     def __init__(self, model: nn.Module, linears: dict[str, tuple[str, float | None]]) -> None:
         self.model = model
         self.installed: list[tuple[nn.Module, str, nn.Linear]] = []
+        self.quantized: dict[str, QuantLinear] = {}  # still usable on their own after remove()
         modules = dict(model.named_modules())
         for name, (mode, static_scale) in linears.items():
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
             linear = getattr(parent, child)
-            setattr(parent, child, QuantLinear(linear, mode, static_scale))
+            self.quantized[name] = QuantLinear(linear, mode, static_scale)
+            setattr(parent, child, self.quantized[name])
             self.installed.append((parent, child, linear))
 
     def remove(self) -> None:
