@@ -4,7 +4,7 @@
 The bundle is assembled in a staging folder and renamed into `--out` only after every target's
 parity passed; any failure (bad input, parity miss, Ctrl-C, SIGTERM) leaves `--out` untouched.
 Stages, each a function below: validate_inputs, load_models, compile_graphs, reference outputs,
-then per target: lower_for_target (lowering.py), write, parity; finally the manifest.
+then per target: lower_for_target (lowering/steps.py), write, parity; finally the manifest.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
 from edgecompile.inputs.student import StudentSpec, load_student
 from edgecompile.progress import Progress
-from edgecompile.targets import Target, load_target
-from edgecompile.tokens import Encoded, encode, load_tokenizer
+from edgecompile.lowering.targets import Target, load_target
+from edgecompile.inputs.tokens import Encoded, encode, load_tokenizer
 
 @dataclass
 class BuildRequest:
@@ -79,7 +79,7 @@ class CompiledGraphs:
 
 def validate_inputs(request: BuildRequest) -> ValidatedInputs:
     """Everything a user can get wrong, checked before any heavy work."""
-    from edgecompile.bundle import check_out_dir, check_out_parent
+    from edgecompile.bundle.store import check_out_dir, check_out_parent
 
     targets = tuple(load_target(name) for name in dict.fromkeys(request.targets))
     names = [t.name for t in targets]
@@ -136,7 +136,7 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     student_max, router_max = _max_length(inputs.student, student_tokenizer), _max_length(inputs.router, router_tokenizer)
     student_samples = encode(student_tokenizer, inputs.samples.texts, student_max)
     router_samples = encode(router_tokenizer, inputs.samples.texts, router_max)
-    from edgecompile.parity import check_fits
+    from edgecompile.check.parity import check_fits
 
     for target in inputs.targets:  # fail before any export, with the samples file's line numbers
         check_fits(student_samples, target, inputs.samples.source, inputs.samples.lines, "student")
@@ -145,10 +145,10 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
 
 
 def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Progress) -> CompiledGraphs:
-    from edgecompile.accounting import kept_structure, macs_per_token, parameter_count
-    from edgecompile.export import export_router, export_student
+    from edgecompile.bundle.accounting import kept_structure, macs_per_token, parameter_count
+    from edgecompile.families.bert import export_router, export_student
     from edgecompile.passes.bert_sites import BertStructure
-    from edgecompile.pipeline import build_cluster_graph
+    from edgecompile.passes.pipeline import build_cluster_graph
 
     spec, masks, student = inputs.student, inputs.masks, models.student
     with progress.step("exporting the dense student and the router (once)"):
@@ -194,16 +194,16 @@ def _all_kept(template: ClusterMasks) -> ClusterMasks:
 
 
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
-    from edgecompile.bundle import (
+    from edgecompile.bundle.store import (
         REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, Staging, file_table, save_reference, write_json,
         write_tokenizers,
     )
-    from edgecompile.lowering import GraphLowBit
-    from edgecompile.manifest import build_manifest
-    from edgecompile.target_build import build_target
-    from edgecompile.parity import parity_json, parity_markdown, parity_table
+    from edgecompile.lowering.steps import GraphLowBit
+    from edgecompile.bundle.manifest import build_manifest
+    from edgecompile.lowering.target_build import build_target
+    from edgecompile.check.parity import parity_json, parity_markdown, parity_table
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
-    from edgecompile.integer_parity import check_integer_linears
+    from edgecompile.check.integer_parity import check_integer_linears
     from edgecompile.reference.lowbit import QuantizedLinears
 
     progress = progress or Progress(quiet=True)

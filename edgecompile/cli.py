@@ -77,8 +77,8 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targe
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 def inspect(bundle_dir: Path, as_json: bool) -> None:
     """Summarise a bundle: clusters, what each keeps, sizes, MACs, parity."""
-    from edgecompile.bundle import load_bundle
-    from edgecompile.summary import bundle_summary
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.bundle.summary import bundle_summary
 
     bundle = load_bundle(bundle_dir)
     click.echo(json.dumps(bundle.manifest, indent=2) if as_json else bundle_summary(bundle))
@@ -91,8 +91,8 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 def run(bundle_dir: Path, text: str, target: str | None, threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON."""
-    from edgecompile.bundle import load_bundle
-    from edgecompile.infer import route_and_run
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.serve.infer import route_and_run
 
     click.echo(json.dumps(route_and_run(load_bundle(bundle_dir), text, target, threads)))
 
@@ -103,9 +103,9 @@ def run(bundle_dir: Path, text: str, target: str | None, threads: int) -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
     """Re-check every file's sha256 and re-run parity against the stored PyTorch reference outputs."""
-    from edgecompile.bundle import load_bundle
-    from edgecompile.parity import parity_table
-    from edgecompile.verify import verify_bundle
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.check.parity import parity_table
+    from edgecompile.check.verify import verify_bundle
 
     bundle = load_bundle(bundle_dir)
     results = verify_bundle(bundle, list(targets) or None, threads)
@@ -130,8 +130,8 @@ def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threa
     """p50/p90 latency per cluster and for the router, beside the dense export, in one run."""
     from dataclasses import asdict
 
-    from edgecompile.bench import bench_bundle, bench_table
-    from edgecompile.bundle import load_bundle
+    from edgecompile.serve.bench import bench_bundle, bench_table
+    from edgecompile.bundle.store import load_bundle
 
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         raise InputError(f"{json_path}: --json: expected a file path in an existing folder, found "
@@ -146,7 +146,7 @@ def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threa
 @cli.command()
 def targets() -> None:
     """List the known targets (shipped ones and those in $EDGECOMPILE_TARGETS_PATH)."""
-    from edgecompile.targets import available_targets, load_target_file
+    from edgecompile.lowering.targets import available_targets, load_target_file
 
     for name, path in available_targets().items():
         target = load_target_file(path)

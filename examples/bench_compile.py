@@ -32,7 +32,7 @@ def minilm() -> Path:
 
 def time_export(model: Path, repeats: int = 3) -> float:
     """Median wall time of one dense export (what every extra full export would cost)."""
-    from edgecompile.export import export_student
+    from edgecompile.families.bert import export_student
     from edgecompile.inputs.student import load_student
     from edgecompile.reference.student import load_student_module
 
@@ -74,8 +74,8 @@ def main() -> None:
     export_s = time_export(model)
     print(f"one dense export: {export_s:.2f} s", flush=True)
 
-    from edgecompile.bench import bench_bundle, bench_table
-    from edgecompile.bundle import load_bundle
+    from edgecompile.serve.bench import bench_bundle, bench_table
+    from edgecompile.bundle.store import load_bundle
 
     k_max = max(args.clusters)
     bundle = load_bundle(args.out / f"bundle_k{k_max}")

@@ -39,7 +39,7 @@ def static_scales(model_dir: Path, texts: list[str]) -> dict[str, float]:
     from edgecompile.inputs.lowbit import LinearPlan, LowBitPlan, materialize
     from edgecompile.inputs.student import load_student
     from edgecompile.reference.student import load_student_module
-    from edgecompile.tokens import encode, load_tokenizer
+    from edgecompile.inputs.tokens import encode, load_tokenizer
 
     spec = load_student(model_dir)
     student = load_student_module(spec)

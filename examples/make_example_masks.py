@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from edgecompile.inputs.student import load_student
 from edgecompile.reference.evaluate import student_outputs
 from edgecompile.reference.student import load_student_module
-from edgecompile.tokens import encode, load_tokenizer
+from edgecompile.inputs.tokens import encode, load_tokenizer
 
 HERE = Path(__file__).parent
 

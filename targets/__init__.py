@@ -1,1 +1,1 @@
-"""Target descriptions (*.toml) shipped with edgecompile; see edgecompile/targets.py."""
+"""Target descriptions (*.toml) shipped with edgecompile; see edgecompile/lowering/targets.py."""

@@ -104,14 +104,14 @@ def test_run_matches_the_reference_router_and_cluster(bundle, st_student, router
     """The app path (router.onnx then cluster_k.onnx) against the PyTorch reference, end to end."""
     import torch
 
-    from edgecompile.bundle import load_bundle
-    from edgecompile.infer import route_and_run
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.serve.infer import route_and_run
     from edgecompile.inputs.masks import load_masks
     from edgecompile.inputs.student import load_student
     from edgecompile.reference.masks import EncoderGates
     from edgecompile.reference.router import RouterModule
     from edgecompile.reference.student import load_student_module
-    from edgecompile.tokens import load_tokenizer
+    from edgecompile.inputs.tokens import load_tokenizer
 
     text = "Please schedule a meeting with the design team"
     got = route_and_run(load_bundle(bundle), text)

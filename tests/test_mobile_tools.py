@@ -1,4 +1,4 @@
-"""ORT-format emission (edgecompile.ortformat) and static placement (edgecompile.placement_static) on a tiny
+"""ORT-format emission (edgecompile.lowering.ortformat) and static placement (edgecompile.check.placement_static) on a tiny
 BERT exported by the project's exporter, dynamic and fixed to batch 1 x sequence 32."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from factories import make_bert
 from onnx import TensorProto, helper
 
-from edgecompile.placement import ESTIMATED
-from edgecompile.ortformat import OrtConversionError, convert_to_ort, ort_content_digest, write_required_operators_config
-from edgecompile.placement_static import CHECKERS, DYNAMIC_SHAPE, static_placement
+from edgecompile.check.placement import ESTIMATED
+from edgecompile.lowering.ortformat import OrtConversionError, convert_to_ort, ort_content_digest, write_required_operators_config
+from edgecompile.check.placement_static import CHECKERS, DYNAMIC_SHAPE, static_placement
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 ATTENTION_MATMULS = {f"/model/encoder/layer.{i}/attention/self/{m}" for i in (0, 1) for m in ("MatMul", "MatMul_1")}
@@ -37,7 +37,7 @@ def _fix_shapes(src: Path, dst: Path, batch: int, seq: int) -> None:
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> SimpleNamespace:
-    from edgecompile.export import export_student
+    from edgecompile.families.bert import export_student
     from edgecompile.inputs.student import load_student
     from edgecompile.reference.student import load_student_module
 
@@ -88,7 +88,7 @@ def _assert_bitwise_equal(onnx_path: Path, ort_path: Path, vocab: int, batch: in
 
 
 def _ort_node_count(path: Path) -> int:
-    from edgecompile.ortformat import _root
+    from edgecompile.lowering.ortformat import _root
 
     return _root(path).Model().Graph().NodesLength()
 
@@ -322,8 +322,8 @@ def test_fresh_process_keeps_logging_and_nodeproto_untouched(bert, tmp_path):
     script = f"""
 import logging, onnx
 from pathlib import Path
-from edgecompile.ortformat import ort_content_digest, write_required_operators_config
-from edgecompile.placement_static import static_placement
+from edgecompile.lowering.ortformat import ort_content_digest, write_required_operators_config
+from edgecompile.check.placement_static import static_placement
 ort_content_digest(Path({str(bert.fixed_ort)!r}))
 write_required_operators_config([Path({str(bert.fixed_ort)!r})], Path({str(tmp_path / "x.config")!r}))
 static_placement(Path({str(bert.fixed)!r}), "xnnpack", "fixed")

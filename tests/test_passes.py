@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import HEADS, HIDDEN, INTERMEDIATE, LAYERS
-from edgecompile.accounting import kept_structure, linear_macs_from_graph, macs_per_token
-from edgecompile.export import export_student
+from edgecompile.bundle.accounting import kept_structure, linear_macs_from_graph, macs_per_token
+from edgecompile.families.bert import export_student
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.inputs.student import load_student
 from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
 from edgecompile.passes.provenance import module_of
-from edgecompile.pipeline import build_cluster_graph
+from edgecompile.passes.pipeline import build_cluster_graph
 from edgecompile.reference.masks import EncoderGates
 from edgecompile.reference.student import load_student_module
 

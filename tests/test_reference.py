@@ -105,7 +105,7 @@ def test_sentence_embedding_matches_sentence_transformers(tmp_path, pooling, nor
     peer = SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True, batch_size=8)
     student = load_student_module(load_student(path))
     from edgecompile.reference.evaluate import student_outputs
-    from edgecompile.tokens import encode, load_tokenizer
+    from edgecompile.inputs.tokens import encode, load_tokenizer
 
     encoded = encode(load_tokenizer(path), texts, 64)
     ours = np.stack(student_outputs(student, encoded)["sentence_embedding"])
@@ -117,7 +117,7 @@ def test_router_reference_matches_sentence_transformers_and_numpy(router_encoder
 
     from edgecompile.reference.evaluate import router_outputs
     from edgecompile.reference.router import RouterModule
-    from edgecompile.tokens import encode, load_tokenizer
+    from edgecompile.inputs.tokens import encode, load_tokenizer
 
     texts = ["where is the nearest train station?", "mix the red and blue paint", "error 404"]
     embeddings = SentenceTransformer(str(router_encoder), device="cpu").encode(texts, convert_to_numpy=True).astype(np.float64)

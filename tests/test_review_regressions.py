@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 
 from conftest import LAYERS, gates
-from edgecompile.parity import compare
-from edgecompile.targets import load_target
+from edgecompile.check.parity import compare
+from edgecompile.lowering.targets import load_target
 
 
 def test_nan_outputs_never_pass_parity():

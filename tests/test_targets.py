@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgecompile.errors import InputError
-from edgecompile.targets import available_targets, load_target, load_target_file
+from edgecompile.lowering.targets import available_targets, load_target, load_target_file
 
 CPU = (Path(__file__).parents[1] / "targets" / "cpu.toml").read_text()
 

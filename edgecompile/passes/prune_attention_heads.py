@@ -3,7 +3,7 @@
 Kept heads' soft gates are folded into the output projection's input rows (or, for a low-bit
 projection whose weights must stay codes * alpha, applied by a Mul on its input). With every head
 removed the attention branch is just the output projection's bias. The export has no head count
-baked in (see export.py), so the shrunken weights are the whole rewrite.
+baked in (see families/bert.py), so the shrunken weights are the whole rewrite.
 """
 
 from __future__ import annotations

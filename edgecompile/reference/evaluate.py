@@ -17,7 +17,7 @@ from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.reference.masks import EncoderGates
 from edgecompile.reference.router import RouterModule
 from edgecompile.reference.student import StudentModule
-from edgecompile.tokens import Encoded
+from edgecompile.inputs.tokens import Encoded
 
 PER_TOKEN_OUTPUTS = frozenset({"last_hidden_state", "token_embeddings"})
 Outputs = dict[str, list[np.ndarray]]

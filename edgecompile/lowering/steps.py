@@ -111,7 +111,7 @@ def fix_shapes(model: ir.Model, ctx: LoweringContext) -> ir.Model:
 
 
 def qnn_preprocess(model: ir.Model, ctx: LoweringContext) -> ir.Model:
-    from edgecompile.qdq import qnn_preprocess as run
+    from edgecompile.lowering.qdq import qnn_preprocess as run
 
     return run(model)
 
@@ -126,7 +126,7 @@ def clamp_attention_mask(model: ir.Model, ctx: LoweringContext) -> ir.Model:
 
 
 def quantize_qdq(model: ir.Model, ctx: LoweringContext) -> ir.Model:
-    from edgecompile.qdq import quantize_static_qdq
+    from edgecompile.lowering.qdq import quantize_static_qdq
 
     t = ctx.target
     model = quantize_static_qdq(model, ctx.calibration, t.activations, t.weights, t.matmul_weights)

@@ -12,12 +12,12 @@ from collections import defaultdict
 
 import numpy as np
 
-from edgecompile.bundle import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
+from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
 from edgecompile.errors import BundleError
-from edgecompile.parity import TargetParity, check_target
+from edgecompile.check.parity import TargetParity, check_target
 from edgecompile.reference.evaluate import Outputs
-from edgecompile.targets import target_from_dict
-from edgecompile.tokens import encode, load_tokenizer
+from edgecompile.lowering.targets import target_from_dict
+from edgecompile.inputs.tokens import encode, load_tokenizer
 
 
 def load_reference(bundle: Bundle) -> dict[str, Outputs]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgecompile.placement import EXECUTED, PlacementReport, UnsupportedNodes
-from edgecompile.runtime import configure, open_session, session_options
-from edgecompile.targets import Target
+from edgecompile.check.placement import EXECUTED, PlacementReport, UnsupportedNodes
+from edgecompile.serve.runtime import configure, open_session, session_options
+from edgecompile.lowering.targets import Target
 
 _LOG_LOCK = threading.Lock()  # the logger callback is process-wide
 

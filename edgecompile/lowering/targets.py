@@ -169,7 +169,7 @@ def _validated(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def load_target_file(path: Path) -> Target:
-    from edgecompile.lowering import STEPS
+    from edgecompile.lowering.steps import STEPS
 
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from edgecompile.bundle import Bundle
+from edgecompile.bundle.store import Bundle
 
 
 def _millions(n: float) -> str:

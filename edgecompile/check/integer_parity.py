@@ -22,13 +22,13 @@ import torch
 
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.numerics import kept_units
-from edgecompile.parity import Comparison, batches
+from edgecompile.check.parity import Comparison, batches
 from edgecompile.passes.prune_attention_heads import head_columns
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
 from edgecompile.reference.student import GRAPH_PREFIX
-from edgecompile.runtime import session_options
-from edgecompile.targets import Target
-from edgecompile.tokens import Encoded
+from edgecompile.serve.runtime import session_options
+from edgecompile.lowering.targets import Target
+from edgecompile.inputs.tokens import Encoded
 
 _ROLE = re.compile(r"\.layer\.(\d+)\.(attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$")
 

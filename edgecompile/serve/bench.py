@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgecompile.bundle import Bundle
+from edgecompile.bundle.store import Bundle
 from edgecompile.errors import input_error
-from edgecompile.runtime import create_session
-from edgecompile.targets import target_from_dict
+from edgecompile.serve.runtime import create_session
+from edgecompile.lowering.targets import target_from_dict
 
 
 @dataclass

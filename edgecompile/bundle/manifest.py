@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgecompile.bundle import SCHEMA_VERSION, WEIGHTS, sha256_file
+from edgecompile.bundle.store import SCHEMA_VERSION, WEIGHTS, sha256_file
 
 
 def tool_versions() -> dict[str, str]:
@@ -40,7 +40,7 @@ def build_manifest(
     tokenizers: dict[str, str],
     reference: dict[str, str],
 ) -> dict[str, Any]:
-    from edgecompile.export import OPSET
+    from edgecompile.families.bert import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
     spec, router, masks = inputs.student, inputs.router, inputs.masks

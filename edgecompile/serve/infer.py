@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.bundle import Bundle
-from edgecompile.parity import check_fits
-from edgecompile.runtime import create_session
-from edgecompile.targets import target_from_dict
-from edgecompile.tokens import encode, load_tokenizer, pad_batch
+from edgecompile.bundle.store import Bundle
+from edgecompile.check.parity import check_fits
+from edgecompile.serve.runtime import create_session
+from edgecompile.lowering.targets import target_from_dict
+from edgecompile.inputs.tokens import encode, load_tokenizer, pad_batch
 
 
 def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,9 +18,9 @@ import numpy as np
 
 from edgecompile.errors import input_error
 from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS, Outputs
-from edgecompile.runtime import create_session
-from edgecompile.targets import Target
-from edgecompile.tokens import Encoded, pad_batch
+from edgecompile.serve.runtime import create_session
+from edgecompile.lowering.targets import Target
+from edgecompile.inputs.tokens import Encoded, pad_batch
 
 DYNAMIC_CHUNK = 32  # samples per onnxruntime call on dynamic-shape targets
 

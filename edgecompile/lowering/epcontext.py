@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecompile.errors import EdgecompileError, ParityError, one_line
-from edgecompile.runtime import configure, create_session, session_options
-from edgecompile.targets import Target
+from edgecompile.serve.runtime import configure, create_session, session_options
+from edgecompile.lowering.targets import Target
 
 
 def compile_epcontext(source: Path, destination: Path, target: Target) -> None:

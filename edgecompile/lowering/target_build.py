@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecompile.errors import PlacementError
-from edgecompile.parity import TargetParity, batches, check_target
-from edgecompile.placement import PlacementReport
+from edgecompile.check.parity import TargetParity, batches, check_target
+from edgecompile.check.placement import PlacementReport
 from edgecompile.progress import Progress
-from edgecompile.targets import Target, target_to_dict
+from edgecompile.lowering.targets import Target, target_to_dict
 
 REQUIRED_OPERATORS = "required_operators.config"
 
@@ -39,10 +39,10 @@ def calibration_feeds(target: Target, models: Any) -> dict[str, list]:
 
 def placement_of(path: Path, target: Target, graph: str) -> PlacementReport:
     if target.placement_checker == "session":
-        from edgecompile.placement_session import session_placement
+        from edgecompile.check.placement_session import session_placement
 
         return session_placement(path, target, graph)
-    from edgecompile.placement_static import static_placement
+    from edgecompile.check.placement_static import static_placement
 
     return static_placement(path, target.placement_checker, graph)
 
@@ -67,8 +67,8 @@ def build_target(
     threads: int,
     progress: Progress,
 ) -> TargetOutcome:
-    from edgecompile.bundle import WEIGHTS, graph_signature, write_graphs
-    from edgecompile.lowering import lower_for_target
+    from edgecompile.bundle.store import WEIGHTS, graph_signature, write_graphs
+    from edgecompile.lowering.steps import lower_for_target
 
     folder = root / target.name
     with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
@@ -90,7 +90,7 @@ def build_target(
             raise placement_failure(target, [p for p in placements if not p.fully_placed])
     epcontext: dict[str, str] = {}
     if target.epcontext:
-        from edgecompile.epcontext import check_same_outputs, compile_epcontext
+        from edgecompile.lowering.epcontext import check_same_outputs, compile_epcontext
 
         with progress.step(f"compiling EPContext models for '{target.name}'"):
             for name in lowered:
@@ -102,7 +102,7 @@ def build_target(
     extension = "onnx"
     digests: dict[str, str] = {}
     if target.format == "ort":
-        from edgecompile.ortformat import convert_to_ort, ort_content_digest, write_required_operators_config
+        from edgecompile.lowering.ortformat import convert_to_ort, ort_content_digest, write_required_operators_config
 
         with progress.step(f"converting '{target.name}' graphs to ORT format"):
             for name in lowered:

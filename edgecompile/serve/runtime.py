@@ -16,7 +16,7 @@ from typing import Any
 import onnxruntime as ort
 
 from edgecompile.errors import EdgecompileError, EnvironmentProblem, one_line
-from edgecompile.targets import Target
+from edgecompile.lowering.targets import Target
 
 _REGISTERED: set[str] = set()
 

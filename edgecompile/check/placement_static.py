@@ -33,7 +33,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from edgecompile.placement import ESTIMATED, PlacementReport, UnsupportedNodes
+from edgecompile.check.placement import ESTIMATED, PlacementReport, UnsupportedNodes
 
 CPU_EP = "CPUExecutionProvider"
 CHECKERS: dict[str, str] = {
@@ -321,7 +321,7 @@ def _basic_graph(model_path: Path, fold_constants: bool) -> onnx.ModelProto:
     """The basic-optimized graph (what the .ort holds), with ONNX shape inference; weights not loaded."""
     import onnxruntime as ort
 
-    from edgecompile.ortformat import conversion_session_options
+    from edgecompile.lowering.ortformat import conversion_session_options
 
     options, disabled = conversion_session_options("basic", fold_constants=fold_constants)
     with tempfile.TemporaryDirectory(prefix="edgecompile-placement-") as tmp:

@@ -1,0 +1,1 @@
+"""The bundle on disk: staging and atomic commit, shared weights, manifest, accounting, summaries."""

@@ -1,0 +1,1 @@
+"""Checks against the PyTorch reference: the parity gate, integer exactness, placement, `verify`."""

@@ -1,0 +1,1 @@
+"""Running a bundle as an app would: onnxruntime sessions per target, `run`, `bench`."""
