@@ -52,8 +52,12 @@ def make_bert(
     pooling: str = "mean",
     normalize: bool = True,
     pooler: bool = True,
+    fresh_init: bool = False,
 ) -> Path:
-    """family: 'bert' (BertModel), 'seqcls' (BertForSequenceClassification) or 'st' (sentence-transformers)."""
+    """family: 'bert' (BertModel), 'seqcls' (BertForSequenceClassification) or 'st' (sentence-transformers).
+
+    `fresh_init`: keep Hugging Face's initialisation untouched (all-zero biases, LayerNorms at 1), as a
+    freshly initialised student is saved; the default perturbs every parameter so bugs cannot hide."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     directory = Path(directory)
@@ -68,7 +72,8 @@ def make_bert(
         model = BertForSequenceClassification(config)
     else:
         model = BertModel(config, add_pooling_layer=pooler and family == "bert")
-    _randomize(model, seed)
+    if not fresh_init:
+        _randomize(model, seed)
     model.save_pretrained(str(directory), safe_serialization=True)
     if family == "st":
         modules = [

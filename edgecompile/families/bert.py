@@ -94,6 +94,8 @@ def export_module(
     dynamic_axes: dict | None,
 ) -> ir.Model:
     """torch -> ONNX (in memory) -> onnx-ir, with provenance tagged on every node."""
+    from onnx_ir.passes.common import IdentityEliminationPass
+
     from edgecompile.passes.provenance import TagModuleProvenance
 
     buffer = io.BytesIO()
@@ -111,6 +113,9 @@ def export_module(
             dynamo=False,
         )
     model = ir.from_proto(onnx.load_from_string(buffer.getvalue()))
+    # The exporter merges bit-identical tensors (e.g. a fresh model's all-zero biases) and routes the
+    # duplicates through Identity; without those, every later pass sees its constants directly.
+    IdentityEliminationPass()(model)
     TagModuleProvenance()(model)
     return model
 
