@@ -147,7 +147,7 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
 def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Progress) -> CompiledGraphs:
     from edgecompile.bundle.accounting import kept_structure, macs_per_token, parameter_count
     from edgecompile.families.bert import export_router, export_student
-    from edgecompile.passes.bert_sites import BertStructure
+    from edgecompile.families.bert import BertStructure
     from edgecompile.passes.pipeline import build_cluster_graph
 
     spec, masks, student = inputs.student, inputs.masks, models.student
@@ -202,6 +202,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     from edgecompile.bundle.manifest import build_manifest
     from edgecompile.lowering.target_build import build_target
     from edgecompile.check.parity import parity_json, parity_markdown, parity_table
+    from edgecompile.families.bert import bert_gates
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
     from edgecompile.check.integer_parity import check_integer_linears
     from edgecompile.reference.lowbit import QuantizedLinears
@@ -228,7 +229,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     with progress.step("PyTorch reference on samples"):
         quantized = QuantizedLinears(models.student.model, {p.module: (p.activation, p.static_scale) for p in models.lowbit.linears})
         try:
-            reference = cluster_outputs(models.student, masks.clusters, models.student_samples)
+            reference = cluster_outputs(models.student, bert_gates(models.student.bert), masks.clusters, models.student_samples)
         finally:
             quantized.remove()
         reference["router"] = router_outputs(models.router, models.router_samples)

@@ -108,7 +108,7 @@ def test_run_matches_the_reference_router_and_cluster(bundle, st_student, router
     from edgecompile.serve.infer import route_and_run
     from edgecompile.inputs.masks import load_masks
     from edgecompile.inputs.student import load_student
-    from edgecompile.reference.masks import EncoderGates
+    from edgecompile.families.bert import bert_gates
     from edgecompile.reference.router import RouterModule
     from edgecompile.reference.student import load_student_module
     from edgecompile.inputs.tokens import load_tokenizer
@@ -123,7 +123,7 @@ def test_run_matches_the_reference_router_and_cluster(bundle, st_student, router
     assert got["cluster_id"] == int(k[0])
     np.testing.assert_allclose(got["distances"], distances[0].numpy(), rtol=1e-5)
     student = load_student_module(spec)
-    gates_ = EncoderGates(student.bert)
+    gates_ = bert_gates(student.bert)
     gates_.set(load_masks(masks_path, spec, 24).clusters[int(k[0])])
     enc = load_tokenizer(st_student)(text, return_tensors="pt")
     with torch.no_grad():

@@ -15,10 +15,10 @@ from edgecompile.bundle.accounting import kept_structure, linear_macs_from_graph
 from edgecompile.families.bert import export_student
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.inputs.student import load_student
-from edgecompile.passes.bert_sites import BertStructure, find_bert_layers
+from edgecompile.families.bert import BertStructure
 from edgecompile.passes.provenance import module_of
 from edgecompile.passes.pipeline import build_cluster_graph
-from edgecompile.reference.masks import EncoderGates
+from edgecompile.families.bert import bert_gates
 from edgecompile.reference.student import load_student_module
 
 HEAD = HIDDEN // HEADS
@@ -51,7 +51,7 @@ def run_onnx(model: ir.Model) -> list[np.ndarray]:
 
 
 def run_reference(student, masks: ClusterMasks) -> list[np.ndarray]:
-    gates = EncoderGates(student.bert)
+    gates = bert_gates(student.bert)
     gates.set(masks)
     try:
         with torch.no_grad():
@@ -184,6 +184,6 @@ def test_dense_export_is_not_modified_by_cluster_rewrites(st_student):
 
 def test_sites_are_found_in_every_layer(bert_student):
     _, _, dense, structure = exported(bert_student)
-    layers = find_bert_layers(dense, structure)
-    assert len(layers) == LAYERS and all(layer.has_attention and layer.has_ffn for layer in layers)
-    assert all(layer.query.weight_array().shape == (HIDDEN, HIDDEN) for layer in layers)
+    layers = structure.find_layers(dense)
+    assert len(layers) == LAYERS and all(layer.attention is not None and layer.ffn is not None for layer in layers)
+    assert all(layer.attention.ups[0].weight_array().shape == (HIDDEN, HIDDEN) for layer in layers)

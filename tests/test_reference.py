@@ -13,7 +13,7 @@ from conftest import HEADS, INTERMEDIATE, LAYERS
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.inputs.student import load_student
 from edgecompile.numerics import hard_concrete_gate
-from edgecompile.reference.masks import EncoderGates
+from edgecompile.families.bert import bert_gates
 from edgecompile.reference.student import load_student_module
 
 IDS = torch.tensor([[2, 40, 41, 42, 43, 3, 0, 0], [2, 50, 51, 52, 53, 54, 55, 3]])
@@ -32,7 +32,7 @@ def cluster(blocks=None, heads=None, neurons=None) -> ClusterMasks:
 
 
 def gated_outputs(student, masks):
-    gates = EncoderGates(student.bert)
+    gates = bert_gates(student.bert)
     gates.set(masks)
     try:
         with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.numerics import kept_units
 from edgecompile.check.parity import Comparison, batches
-from edgecompile.passes.prune_attention_heads import head_columns
+from edgecompile.passes.branch_edits import unit_features
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
 from edgecompile.reference.student import GRAPH_PREFIX
 from edgecompile.serve.runtime import session_options
@@ -39,7 +39,7 @@ def _projection(module: str, masks: ClusterMasks | None, head_size: int) -> tupl
     if masks is None or match is None:
         return None, None, 1.0
     layer, role = int(match.group(1)), match.group(2)
-    heads = head_columns(kept_units(masks.heads[layer]), head_size)
+    heads = unit_features(kept_units(masks.heads[layer]), head_size)
     neurons = kept_units(masks.neurons[layer])
     if role.startswith("attention.self"):
         return None, heads, 1.0

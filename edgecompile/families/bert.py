@@ -1,4 +1,4 @@
-"""Dense fp32 export of a student (or the router) to ONNX, once, with provenance kept.
+"""The BERT family: its fp32 export (once, provenance kept), where its sub-layers are, its gates.
 
 We use the TorchScript exporter (as optimum does) because its node names carry the module scope
 (`/model/encoder/layer.0/attention/self/query/MatMul`), which the rewrites use to find
@@ -19,10 +19,15 @@ import types
 import warnings
 from collections.abc import Iterator, Sequence
 
+from dataclasses import dataclass
+
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+
+from edgecompile.passes.sites import BranchSites, LayerSites, linear_site, nodes_by_module, residual_add
 
 OPSET = 17
 
@@ -141,3 +146,52 @@ def export_router(router: nn.Module) -> ir.Model:
     model = export_module(router, args, ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, axes)
     model.graph.name = "router"
     return model
+
+
+@dataclass(frozen=True)
+class BertStructure:
+    """Where a BERT encoder's layers are in its export (post-LayerNorm: the norms stay outside the branches).
+
+    A layer's residual adds are the Add nodes directly in `...attention.output` and `...output`
+    (the branch enters from the dense projection, the other input is the residual stream).
+    """
+
+    encoder_path: str  # e.g. "model.encoder"
+    num_layers: int
+    num_heads: int
+    head_size: int
+    lowbit_modules: frozenset[str] = frozenset()
+
+    def find_layers(self, model: ir.Model) -> list[LayerSites]:
+        by_module = nodes_by_module(model)
+
+        def site(path: str):
+            return linear_site(path, by_module.get(path, []))
+
+        def branch(ups: list[str], down: str, residual: str, unit_size: int) -> BranchSites | None:
+            down_site = site(down)
+            add = residual_add(residual, by_module.get(residual, []), down_site)
+            if down_site is None or add is None:
+                return None
+            return BranchSites(add, [site(u) for u in ups], down_site, unit_size=unit_size)
+
+        layers = []
+        for i in range(self.num_layers):
+            p = f"{self.encoder_path}.layer.{i}"
+            attention = branch([f"{p}.attention.self.{n}" for n in ("query", "key", "value")], f"{p}.attention.output.dense",
+                               f"{p}.attention.output", self.head_size)
+            ffn = branch([f"{p}.intermediate.dense"], f"{p}.output.dense", f"{p}.output", 1)
+            layers.append(LayerSites(i, attention, ffn))
+        return layers
+
+
+def gated_linears(bert: nn.Module) -> list[tuple[tuple[nn.Module, str], tuple[nn.Module, str]]]:
+    """Per layer, (parent, attribute) of the attention output projection and of the FFN output projection."""
+    return [((layer.attention.output, "dense"), (layer.output, "dense")) for layer in bert.encoder.layer]
+
+
+def bert_gates(bert: nn.Module) -> "ModelGates":
+    """The reference gates (reference/masks.py) on a transformers BertModel."""
+    from edgecompile.reference.masks import ModelGates
+
+    return ModelGates(gated_linears(bert), bert.config.hidden_size // bert.config.num_attention_heads)

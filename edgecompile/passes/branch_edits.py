@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecompile.passes.bert_sites import LinearSite
 from edgecompile.passes.provenance import module_of, set_module
+from edgecompile.passes.sites import BranchSites, LinearSite
 from edgecompile.passes.tensors import new_initializer, replace_constant_input
 
 
@@ -14,18 +14,39 @@ def _branch_index(residual_add: ir.Node, site: LinearSite) -> int:
     return 0 if residual_add.inputs[0] is site.output else 1
 
 
-def drop_branch(residual_add: ir.Node, site: LinearSite) -> None:
+def drop_branch(graph: ir.Graph, branch: BranchSites) -> None:
     """`residual + branch` -> `residual`: consumers of the Add read the residual directly.
 
-    The branch's nodes lose their last use and are removed by dead-code elimination.
+    The branch's nodes lose their last use and are removed by dead-code elimination; graph inputs
+    and outputs that belong to the branch (a decoder layer's KV cache) go with it.
     """
-    residual = residual_add.inputs[1 - _branch_index(residual_add, site)]
-    ir.convenience.replace_all_uses_with(residual_add.outputs[0], residual)
+    residual = branch.residual_add.inputs[1 - _branch_index(branch.residual_add, branch.down)]
+    ir.convenience.replace_all_uses_with(branch.residual_add.outputs[0], residual)
+    for value in branch.state_outputs:
+        graph.outputs.remove(value)
+    for value in branch.state_inputs:
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, None)
+        graph.inputs.remove(value)
 
 
-def branch_to_bias(residual_add: ir.Node, site: LinearSite) -> None:
-    """`residual + linear(x)` -> `residual + bias`, for a projection whose every input unit is removed."""
-    residual_add.replace_input_with(_branch_index(residual_add, site), site.bias)
+def branch_to_bias(graph: ir.Graph, branch: BranchSites) -> None:
+    """`residual + linear(x)` -> `residual + bias`, for a projection whose every input unit is removed.
+
+    Without a bias the branch is zero: it is dropped.
+    """
+    if branch.down.bias is None:
+        drop_branch(graph, branch)
+        return
+    branch.residual_add.replace_input_with(_branch_index(branch.residual_add, branch.down), branch.down.bias)
+
+
+def scale_linear_output(graph: ir.Graph, site: LinearSite, scale: float) -> None:
+    weight = (site.weight_array() * np.float32(scale)).astype(np.float32)
+    replace_constant_input(graph, site.matmul, 1, weight, f"{site.module}.weight_t")
+    if site.bias_add is not None:
+        bias = (site.bias_array() * np.float32(scale)).astype(np.float32)
+        replace_constant_input(graph, site.bias_add, site.bias_index, bias, f"{site.module}.bias")
 
 
 def scale_linear_input(graph: ir.Graph, site: LinearSite, weight: np.ndarray, scales: np.ndarray, keep_weights: bool) -> None:
@@ -46,19 +67,40 @@ def scale_linear_input(graph: ir.Graph, site: LinearSite, weight: np.ndarray, sc
         site.matmul.replace_input_with(0, mul.outputs[0])
 
 
-def keep_inner_units(
-    graph: ir.Graph, ups: list[LinearSite], down: LinearSite, residual_add: ir.Node,
-    columns: np.ndarray, scales: np.ndarray, keep_weights: bool,
-) -> None:
-    """Keep only `columns` of a branch's inner width: outputs of the `ups`, inputs of `down`.
-
-    The kept units' gates (`scales`, one per column) are applied on `down`'s input; with no column
-    left the branch reduces to `down`'s bias.
-    """
-    if columns.size == 0:
-        branch_to_bias(residual_add, down)
-        return
-    for site in ups:
-        replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
+def _slice_outputs(graph: ir.Graph, site: LinearSite, columns: np.ndarray) -> None:
+    replace_constant_input(graph, site.matmul, 1, site.weight_array()[:, columns], f"{site.module}.weight_t")
+    if site.bias_add is not None:
         replace_constant_input(graph, site.bias_add, site.bias_index, site.bias_array()[columns], f"{site.module}.bias")
-    scale_linear_input(graph, down, down.weight_array()[columns, :], scales, keep_weights)
+
+
+def unit_features(units: np.ndarray, size: int) -> np.ndarray:
+    """Feature indices of `units` in a [*, units * size] projection."""
+    return (units[:, None] * size + np.arange(size)[None, :]).reshape(-1)
+
+
+def keep_units(graph: ir.Graph, branch: BranchSites, gates: np.ndarray, keep_weights: bool) -> tuple[int, int]:
+    """Apply one gate per unit of `branch` (indexed like the mask); returns (units, groups) kept.
+
+    A group goes from the graph when every unit in it is removed: its units leave the `ups`'
+    outputs and `down`'s inputs, the group leaves the `group_ups`' outputs. A unit that stays (a
+    removed unit in a kept group included) has its gate applied on `down`'s input: folded into
+    its rows, so a removed unit in a kept group contributes exactly nothing. With no group left
+    the branch reduces to `down`'s bias.
+    """
+    unit_gates = gates[branch.ids()].astype(np.float32)
+    groups = branch.groups()
+    kept_groups = np.unique(groups[unit_gates != 0.0])
+    kept = np.flatnonzero(np.isin(groups, kept_groups))
+    if kept.size == 0:
+        branch_to_bias(graph, branch)
+        return 0, 0
+    for site in branch.group_ups:  # a key / value head has as many features as a query head
+        _slice_outputs(graph, site, unit_features(kept_groups, branch.unit_size))
+    columns = unit_features(kept, branch.unit_size)
+    for site in branch.ups:
+        _slice_outputs(graph, site, columns)
+    scales = np.repeat(unit_gates[kept], branch.unit_size).astype(np.float32)
+    scale_linear_input(graph, branch.down, branch.down.weight_array()[columns, :], scales, keep_weights)
+    if branch.on_resize is not None:
+        branch.on_resize(int(kept.size), int(kept_groups.size))
+    return int(kept.size), int(kept_groups.size)

@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from edgecompile.passes.bert_sites import StructureError, linear_site
+from edgecompile.passes.sites import StructureError, linear_site
 from edgecompile.passes.provenance import module_of, set_module
 from edgecompile.passes.tensors import new_initializer
 from edgecompile.reference.lowbit import recover_codes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgecompile.passes.bert_sites import StructureError
+from edgecompile.passes.sites import StructureError
 from edgecompile.passes.packing import decode_rows
 from edgecompile.passes.provenance import module_of, set_module
 from edgecompile.reference.lowbit import recover_codes

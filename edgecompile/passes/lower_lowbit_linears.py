@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgecompile.passes.bert_sites import LinearSite, StructureError, linear_site
+from edgecompile.passes.sites import LinearSite, StructureError, linear_site
 from edgecompile.passes.packing import expand_weight
 from edgecompile.passes.provenance import module_of, set_module
 from edgecompile.passes.tensors import unique_initializer_name

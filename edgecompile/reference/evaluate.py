@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from edgecompile.inputs.masks import ClusterMasks
-from edgecompile.reference.masks import EncoderGates
+from edgecompile.reference.masks import ModelGates
 from edgecompile.reference.router import RouterModule
 from edgecompile.reference.student import StudentModule
 from edgecompile.inputs.tokens import Encoded
@@ -49,10 +49,11 @@ def student_outputs(student: StudentModule, samples: list[Encoded]) -> Outputs:
     return outputs
 
 
-def cluster_outputs(student: StudentModule, clusters: tuple[ClusterMasks, ...], samples: list[Encoded]) -> dict[str, Outputs]:
-    """Reference for the dense student and for each cluster (gates applied in eager mode)."""
+def cluster_outputs(
+    student: StudentModule, gates: ModelGates, clusters: tuple[ClusterMasks, ...], samples: list[Encoded]
+) -> dict[str, Outputs]:
+    """Reference for the dense student and for each cluster (`gates`, installed on `student`, set per cluster)."""
     result = {"dense": student_outputs(student, samples)}
-    gates = EncoderGates(student.bert)
     try:
         for masks in clusters:
             gates.set(masks)

@@ -1,13 +1,14 @@
-"""Block, head and neuron gates on a BERT encoder, in eager PyTorch.
+"""Block, head and neuron gates on a transformer, in eager PyTorch, for every model family.
 
 The semantics (see README "Masks"): a gate multiplies what its unit contributes.
 - block gate (layer i, attention|FFN): multiplies the sub-layer's branch, the tensor added to the
-  residual stream; the post-LayerNorm after the residual add is untouched.
+  residual stream; whatever is outside the branch (BERT's post-LayerNorm) is untouched.
 - head gate: multiplies that head's slice of the context before the attention output projection.
 - neuron gate: multiplies that FFN intermediate activation before the FFN output projection.
 
 Gates live in buffers of `GatedLinear` wrappers so trainers can reuse them (make them Parameters,
-or write hard-concrete samples into them); `EncoderGates.set(masks)` loads one cluster.
+or write hard-concrete samples into them); `ModelGates.set(masks)` loads one cluster. A family
+module says which Linears to wrap (its `gated_linears`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import torch
 from torch import nn
 
 from edgecompile.inputs.masks import ClusterMasks
+
+# Per layer: (parent module, attribute) of the attention output projection, then of the FFN's.
+GatedSites = list[tuple[tuple[nn.Module, str], tuple[nn.Module, str]]]
 
 
 class GatedLinear(nn.Module):
@@ -31,21 +35,25 @@ class GatedLinear(nn.Module):
         return self.linear(x * self.input_gate) * self.output_gate
 
 
-class EncoderGates:
+class ModelGates:
     """Installs GatedLinear on every layer's attention output and FFN output projection."""
 
-    def __init__(self, bert: nn.Module) -> None:
-        self.layers = list(bert.encoder.layer)
-        self.head_size = bert.config.hidden_size // bert.config.num_attention_heads
-        for layer in self.layers:
-            if not isinstance(layer.attention.output.dense, GatedLinear):
-                layer.attention.output.dense = GatedLinear(layer.attention.output.dense)
-                layer.output.dense = GatedLinear(layer.output.dense)
+    def __init__(self, sites: GatedSites, head_size: int) -> None:
+        self.sites = sites
+        self.head_size = head_size
+        for pair in sites:
+            for parent, name in pair:
+                if not isinstance(getattr(parent, name), GatedLinear):
+                    setattr(parent, name, GatedLinear(getattr(parent, name)))
+
+    def layer(self, i: int) -> tuple[GatedLinear, GatedLinear]:
+        (attention_parent, attention), (ffn_parent, ffn) = self.sites[i]
+        return getattr(attention_parent, attention), getattr(ffn_parent, ffn)
 
     @torch.no_grad()
     def set(self, masks: ClusterMasks) -> None:
-        for i, layer in enumerate(self.layers):
-            attention, ffn = layer.attention.output.dense, layer.output.dense
+        for i in range(len(self.sites)):
+            attention, ffn = self.layer(i)
             attention.output_gate.fill_(float(masks.blocks[i, 0]))
             ffn.output_gate.fill_(float(masks.blocks[i, 1]))
             heads = torch.from_numpy(masks.heads[i]).to(attention.input_gate.dtype)
@@ -54,7 +62,9 @@ class EncoderGates:
 
     def remove(self) -> None:
         """Put the original nn.Linear modules back (the model is then exactly as loaded)."""
-        for layer in self.layers:
-            if isinstance(layer.attention.output.dense, GatedLinear):
-                layer.attention.output.dense = layer.attention.output.dense.linear
-                layer.output.dense = layer.output.dense.linear
+        for pair in self.sites:
+            for parent, name in pair:
+                module = getattr(parent, name)
+                if isinstance(module, GatedLinear):
+                    setattr(parent, name, module.linear)
+
