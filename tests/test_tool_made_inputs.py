@@ -71,3 +71,24 @@ def test_real_minilm_with_two_equal_biases_compiles(cli, tmp_path):
     code, _, err = cli_build(cli, student, masks, source, out, "-q")
     assert code == 0, err
     assert all(r["passed"] for r in passed_rows(out))
+
+
+# --- item 13: a cluster id far beyond K is rejected at once, bounded by K ----------------------
+
+
+def test_huge_cluster_id_is_one_short_line(cli, st_student, router_encoder, masks_file, tmp_path):
+    import time
+
+    masks = masks_file({0: gates(blocks=np.ones((LAYERS, 2))), 100_000_000: gates(blocks=np.ones((LAYERS, 2)))}, k=2)
+    started = time.perf_counter()
+    result = cli_build(cli, st_student, masks, router_encoder, tmp_path / "bundle", "-q")
+    line = assert_one_line_error(result, "tensor cluster.100000000.blocks", "a cluster id below K = 2", "found 100000000")
+    assert len(line) < 300 and time.perf_counter() - started < 20  # no work proportional to the id
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_many_missing_clusters_are_summarised(cli, st_student, router_encoder, masks_file, tmp_path):
+    clusters = {0: gates(blocks=np.ones((LAYERS, 2))), 40: gates(blocks=np.ones((LAYERS, 2)))}
+    result = cli_build(cli, st_student, masks_file(clusters, k=41), router_encoder, tmp_path / "bundle", "-q")
+    line = assert_one_line_error(result, "cluster numbering", "missing cluster.1, cluster.2", "(+34 more)")
+    assert len(line) < 300

@@ -135,6 +135,7 @@ def load_masks(path: Path, student: StudentSpec, encoder_dim: int) -> MaskSet:
         "heads": (student.num_layers, student.num_heads),
         "neurons": (student.num_layers, student.intermediate_size),
     }
+    num_centroids = centroids.shape[0]
     per_cluster: dict[int, dict[str, np.ndarray]] = {}
     for name, array in tensors.items():
         if name.startswith("router."):
@@ -145,22 +146,19 @@ def load_masks(path: Path, student: StudentSpec, encoder_dim: int) -> MaskSet:
         if not match or match.group(2) not in GRANULARITIES:
             raise input_error(path, f"tensor {name}", "cluster.{k}.blocks|heads|neurons or router.*", "an unknown name")
         k, granularity = int(match.group(1)), match.group(2)
+        if k >= num_centroids:  # checked first: every later step is bounded by K, never by a number in a name
+            raise input_error(path, f"tensor {name}", f"a cluster id below K = {num_centroids} (one cluster per router.centroids row)", k)
         _check_tensor(path, name, array, expected[granularity], unit_range=(kind == "hard"))
         if granularity in per_cluster.get(k, {}):
             raise input_error(path, f"tensor {name}", f"one cluster.{k}.{granularity}", "a second tensor for it")
         per_cluster.setdefault(k, {})[granularity] = array
 
     found = sorted(per_cluster)
-    num_centroids = centroids.shape[0]
     if found != list(range(len(found))):
-        missing = sorted(set(range(max(found) + 1)) - set(found)) if found else [0]
+        missing = [f"cluster.{m}" for m in range(found[-1]) if m not in per_cluster]
         raise input_error(
             path, "cluster numbering", f"cluster.0 .. cluster.{len(found) - 1} without gaps" if found else "cluster.0 ..",
-            f"clusters {found} (missing {', '.join(f'cluster.{m}' for m in missing)})",
-        )
-    if len(found) > num_centroids:
-        raise input_error(
-            path, f"cluster.{num_centroids}", f"a centroid row (router.centroids has K = {num_centroids})", "no centroid"
+            f"clusters {_few(found)} (missing {_few(missing)})",
         )
     if len(found) < num_centroids:
         raise input_error(
@@ -181,6 +179,12 @@ def load_masks(path: Path, student: StudentSpec, encoder_dim: int) -> MaskSet:
                 gates[granularity] = array.copy()
         clusters.append(ClusterMasks(k, gates["blocks"], gates["heads"], gates["neurons"], tuple(sorted(given))))
     return MaskSet(path, kind, metric, centroids.copy(), _copy(weight), _copy(bias), tuple(clusters))
+
+
+def _few(items: list, shown: int = 5) -> str:
+    """At most `shown` items, then how many more: an error line stays one short line."""
+    text = ", ".join(str(i) for i in items[:shown])
+    return text + (f" (+{len(items) - shown} more)" if len(items) > shown else "")
 
 
 def _copy(array: np.ndarray | None) -> np.ndarray | None:
