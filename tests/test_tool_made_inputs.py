@@ -92,3 +92,33 @@ def test_many_missing_clusters_are_summarised(cli, st_student, router_encoder, m
     result = cli_build(cli, st_student, masks_file(clusters, k=41), router_encoder, tmp_path / "bundle", "-q")
     line = assert_one_line_error(result, "cluster numbering", "missing cluster.1, cluster.2", "(+34 more)")
     assert len(line) < 300
+
+
+# --- item 10: a checkpoint with tensors its config does not describe --------------------------
+
+
+def test_checkpoint_with_more_layers_than_its_config_is_rejected(cli, router_encoder, masks_file, tmp_path):
+    student = make_bert(tmp_path / "deeper", family="st", layers=4, seed=32)
+    config = json.loads((student / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (student / "config.json").write_text(json.dumps(config))
+    result = cli_build(cli, student, masks_file({0: gates(blocks=np.ones((LAYERS, 2)))}), router_encoder, tmp_path / "b", "-q")
+    assert_one_line_error(result, "model.safetensors", "config.json's 2 layers", "found 32 unexpected",
+                          "encoder.layer.2.attention.output.LayerNorm.bias")
+    assert not (tmp_path / "b").exists()
+
+
+def test_stored_position_ids_are_not_unexpected(tmp_path):
+    """Older checkpoints store the derived position_ids buffer; transformers ignores it, so do we."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgecompile.inputs.student import load_student
+    from edgecompile.reference.student import load_student_module
+
+    student = make_bert(tmp_path / "old", family="bert", seed=33)
+    tensors = load_file(str(student / "model.safetensors"))
+    tensors["embeddings.position_ids"] = torch.arange(128).unsqueeze(0)
+    save_file(tensors, str(student / "model.safetensors"), metadata={"format": "pt"})
+    module = load_student_module(load_student(student))
+    assert module.spec.num_layers == LAYERS

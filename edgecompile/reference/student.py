@@ -63,6 +63,26 @@ class StudentModule(nn.Module):
         return (hidden,)
 
 
+def check_no_unexpected_tensors(spec: StudentSpec, model: nn.Module, info: dict) -> None:
+    """Every tensor of the checkpoint must be a weight of the model its config.json describes.
+
+    A checkpoint with more layers than its config (or a head the architecture lacks) would
+    otherwise compile silently without them. Buffers transformers derives itself (position_ids,
+    token_type_ids) are not weights: older checkpoints store them, and loading ignores them. A
+    sentence-transformers Transformer is saved with the pooler its forward never uses.
+    """
+    buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()}
+    unused = ("pooler.",) if spec.family == "sentence-transformers" else ()
+    unexpected = sorted(k for k in info.get("unexpected_keys", [])
+                        if k.rsplit(".", 1)[-1] not in buffers and not k.startswith(unused))
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (f" (+{len(unexpected) - 3} more)" if len(unexpected) > 3 else "")
+        raise InputError(
+            f"{spec.transformer_dir / 'model.safetensors'}: tensors: expected only those of {spec.architecture} with "
+            f"config.json's {spec.num_layers} layers, found {len(unexpected)} unexpected: {shown}"
+        )
+
+
 def load_student_module(spec: StudentSpec) -> StudentModule:
     """Load weights (eager attention, eval mode). Missing weights are an input error, never random init."""
     import transformers
@@ -92,6 +112,7 @@ def load_student_module(spec: StudentSpec) -> StudentModule:
             f"{spec.transformer_dir / 'model.safetensors'}: tensor {missing[0]}: expected in the checkpoint, found missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    check_no_unexpected_tensors(spec, model, info)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{spec.transformer_dir / 'model.safetensors'}: tensor {name}: expected finite values, found NaN or Inf")
