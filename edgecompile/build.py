@@ -79,7 +79,7 @@ class CompiledGraphs:
 
 def validate_inputs(request: BuildRequest) -> ValidatedInputs:
     """Everything a user can get wrong, checked before any heavy work."""
-    from edgecompile.bundle.store import check_out_dir, check_out_parent
+    from edgecompile.bundle.staging import check_out_dir, check_out_parent
 
     targets = tuple(load_target(name) for name in dict.fromkeys(request.targets))
     names = [t.name for t in targets]
@@ -87,7 +87,7 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
         if names.count(name) > 1:
             raise input_error("--target", f"target name '{name}'", "each target once (its name is its bundle folder)",
                               ", ".join(str(t.source) for t in targets if t.name == name))
-    check_out_dir(Path(request.out), request.force)
+    check_out_dir(Path(request.out), request.force, request.keep_failed)
     check_out_parent(Path(request.out))
     student = load_student(Path(request.student), role="student")
     router = load_student(Path(request.router_encoder), role="router encoder")
@@ -194,9 +194,9 @@ def _all_kept(template: ClusterMasks) -> ClusterMasks:
 
 
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    from edgecompile.bundle.staging import Staging
     from edgecompile.bundle.store import (
-        REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, Staging, file_table, save_reference, write_json,
-        write_tokenizers,
+        REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, file_table, save_reference, write_json, write_tokenizers,
     )
     from edgecompile.lowering.steps import GraphLowBit
     from edgecompile.bundle.manifest import build_manifest
@@ -249,6 +249,8 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
 
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
+        for folder in staging.removed_stale:
+            progress.note(f"removed {folder} (left by an earlier build that was killed)")
         results, target_entries, graph_bytes = [], {}, {}
         try:
             for target in inputs.targets:

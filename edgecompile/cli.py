@@ -15,13 +15,15 @@ from pathlib import Path
 import click
 
 from edgecompile import __version__
-from edgecompile.errors import EdgecompileError, InputError, ParityError
+from edgecompile.errors import EdgecompileError, InputError, ParityError, is_disk_full, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EXIT_INTERRUPTED = 130
+EXIT_ENVIRONMENT = 4
+INTERRUPTED = "error: interrupted; nothing was written"
 
 
 def _existing():
@@ -60,6 +62,7 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targe
     Exit code 0 means the bundle at --out is complete and passed parity on every target; any other exit
     code means --out was not created or changed.
     """
+    from edgecompile import interrupt
     from edgecompile.build import BuildRequest
     from edgecompile.build import build as run_build
     from edgecompile.progress import Progress
@@ -67,6 +70,8 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targe
     progress = Progress(quiet=quiet)
     request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed)
     result = run_build(request, progress)
+    if interrupt.requested():  # the signal came after the commit: say what is true on disk
+        click.echo(f"note: interrupted after the bundle was written: {result.out} is complete and passed parity", err=True)
     click.echo(result.table)
     if not quiet:
         click.echo(f"\nbundle written to {result.out} in {progress.total:.1f} s (parity passed)", err=True)
@@ -156,30 +161,50 @@ def targets() -> None:
                    f"{'':<10} {target.description}  [{path}]")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes become one line on stderr and an exit code, never a traceback."""
-    from edgecompile import interrupt
-
-    signal.signal(signal.SIGTERM, interrupt.request)
-    signal.signal(signal.SIGINT, interrupt.request)
+def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
+    """Run one command: (exit code, message for stderr)."""
     try:
-        cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
+        return (code if isinstance(code, int) else 0), None
     except click.exceptions.Abort:
-        click.echo("error: interrupted; nothing was written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED, INTERRUPTED
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code, None
     except EdgecompileError as exc:
-        head, _, rest = str(exc).partition("\n")
-        click.echo(f"error: {head}", err=True)
-        if rest:
-            click.echo(rest, err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code, f"error: {exc}"
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(0)
+        return EXIT_INTERRUPTED, INTERRUPTED
+    except Exception as exc:
+        if is_disk_full(exc):
+            return EXIT_ENVIRONMENT, f"error: no space left on device ({one_line(exc)})"
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user mistakes become one line on stderr and an exit code, never a traceback.
+
+    Once a command's outcome is decided (a bundle committed, an error caught), a late Ctrl-C or
+    SIGTERM changes neither the files nor the exit code, and prints no traceback at shutdown.
+    """
+    from edgecompile import interrupt
+
+    previous = [(signum, signal.getsignal(signum)) for signum in (signal.SIGINT, signal.SIGTERM)]
+    interrupt.install()
+    try:
+        try:
+            code, message = _outcome(argv)
+        except KeyboardInterrupt:  # the first signal arrived while an error was being turned into a message
+            code, message = EXIT_INTERRUPTED, INTERRUPTED
+        finally:
+            interrupt.settle()
+        if message:
+            click.echo(message, err=True)
+    finally:
+        if argv is not None:  # called from Python (tests, embedding): the caller gets its handlers back
+            for signum, handler in previous:
+                signal.signal(signum, handler)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -47,3 +47,17 @@ def one_line(text: object) -> str:
 def input_error(file: Path | str, what: str, expected: object, found: object) -> InputError:
     """The standard shape of a bad-input message: file, what, expected, found."""
     return InputError(f"{file}: {what}: expected {expected}, found {found}")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """ENOSPC / EDQUOT, from Python (OSError) or from a native writer (safetensors' Rust, onnxruntime)."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(exc) for s in ("No space left on device", "Disk quota exceeded", "StorageFull")):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

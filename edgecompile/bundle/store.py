@@ -1,4 +1,5 @@
-"""The bundle on disk: staging and atomic commit, graph files with shared weights, manifest, loading.
+"""The bundle on disk: graph files with shared weights, hashes, and loading a bundle
+(staging and the atomic commit are in staging.py).
 
 Layout (all paths relative to the bundle root):
     manifest.json            schema, versions, graphs, clusters, files + sha256
@@ -19,8 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,86 +34,10 @@ REFERENCE_SAMPLES = "reference/samples.txt"
 STUDENT_TOKENIZER = "tokenizer"
 ROUTER_TOKENIZER = "router_tokenizer"
 MANIFEST = "manifest.json"
+STAGING_MARKER = ".edgecompile-staging.json"  # in folders a build makes beside --out (staging.py); never part of a bundle
 WEIGHTS = "weights.bin"
 SHARED_THRESHOLD = 1024
 ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped by onnxruntime
-
-
-class Staging:
-    """A temporary folder beside `out`, renamed into place only by `commit()`.
-
-    Any exception (including KeyboardInterrupt / SIGTERM turned into one) removes it, so `out`
-    is either untouched or complete. Only a SIGKILL can leave a hidden `.<out>.partial-*`
-    folder behind; `out` itself is never half-written.
-    """
-
-    def __init__(self, out: Path, force: bool) -> None:
-        self.out = Path(out)
-        self.force = force
-        check_out_dir(self.out, force)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.root.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder
-        self.committed = False
-
-    def __enter__(self) -> "Staging":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.committed:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def keep_as_failed(self) -> Path:
-        """Move the staging folder to `<out>.failed` (replacing an earlier one) for a person to inspect."""
-        failed = self.out.with_name(self.out.name + ".failed")
-        if failed.exists():
-            shutil.rmtree(failed)
-        os.replace(self.root, failed)
-        return failed
-
-    def commit(self) -> None:
-        from edgecompile import interrupt
-
-        interrupt.check()  # never publish a bundle after Ctrl-C / SIGTERM was requested
-        check_out_dir(self.out, self.force)
-        old = None
-        # No signal between moving the old bundle aside and moving the new one in.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
-            if self.out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-                os.replace(self.out, old / "bundle")
-            try:
-                os.replace(self.root, self.out)
-            except OSError:
-                if old is not None:
-                    os.replace(old / "bundle", self.out)
-                raise
-            self.committed = True
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def check_out_parent(out: Path) -> None:
-    """The bundle is staged beside --out: its parent must be creatable and writable."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe-", dir=out.parent).cleanup()
-    except OSError as exc:
-        raise InputError(f"{out.parent}: --out's folder: expected a writable folder, found {exc.strerror.lower()}") from None
-
-
-def check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a bundle folder; remove it first")
-    if out.exists() and force and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise InputError(f"{out}: exists and is not an edgecompile bundle (no {MANIFEST}); refusing to replace it")
 
 
 def write_graphs(directory: Path, graphs: list[tuple[str, ir.Model]], shared_weights: bool) -> dict[str, int]:
@@ -200,10 +123,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _entries(root: Path) -> list[str]:
+    """Every file and symbolic link under root (links are not followed), as sorted posix paths."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        found += [Path(folder, name).relative_to(root).as_posix() for name in files + links]
+    return sorted(found)
+
+
 def bundle_files(root: Path) -> list[str]:
     """Every file in the bundle except the manifest, as sorted posix paths."""
-    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    return sorted(rel for rel in rels if rel != MANIFEST)
+    return [rel for rel in _entries(root) if rel not in (MANIFEST, STAGING_MARKER)]
 
 
 def file_table(root: Path) -> dict[str, dict[str, Any]]:
