@@ -15,6 +15,7 @@ import numpy as np
 from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
 from edgecompile.errors import BundleError
 from edgecompile.check.parity import TargetParity, check_target
+from edgecompile.inputs.samples import numbered_lines
 from edgecompile.reference.evaluate import Outputs
 from edgecompile.lowering.targets import target_from_dict
 from edgecompile.inputs.tokens import encode, load_tokenizer
@@ -32,7 +33,7 @@ def load_reference(bundle: Bundle) -> dict[str, Outputs]:
 
 
 def encoded_samples(bundle: Bundle, role: str):
-    texts = (bundle.root / REFERENCE_SAMPLES).read_text(encoding="utf-8").splitlines()
+    texts = [line for _, line in numbered_lines((bundle.root / REFERENCE_SAMPLES).read_text(encoding="utf-8"))]
     entry = bundle.manifest[role]
     return encode(load_tokenizer(bundle.root / entry["tokenizer"]), texts, entry["max_seq_length"])
 

@@ -1,4 +1,9 @@
-"""Parity (and calibration) samples: one UTF-8 input per line."""
+r"""Parity (and calibration) samples: one UTF-8 input per line.
+
+Lines end at "\n" (or "\r\n") only, as editors and `wc -l` count them: a form feed or a Unicode
+line separator inside a line is part of that input (str.splitlines would split there and every
+later line number in an error message would be wrong).
+"""
 
 from __future__ import annotations
 
@@ -44,15 +49,21 @@ class Samples:
     source: str  # the file, or "built-in"
 
 
+def numbered_lines(text: str) -> list[tuple[int, str]]:
+    r"""(1-based line number, stripped text) of every non-blank line; lines end at \n or \r\n only."""
+    lines = text.split("\n")
+    return [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
 def load_samples(path: Path | None) -> Samples:
     if path is None:
         return Samples(BUILTIN_SAMPLES, tuple(range(1, len(BUILTIN_SAMPLES) + 1)), "built-in")
     path = Path(path)
     if path.is_dir():
         raise input_error(path, "--samples", "a text file, one input per line", "a folder")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: samples file not found")
-    try:
+    try:  # any readable file: a regular file, /dev/null, a pipe from <(...)
         raw = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: samples file not readable ({exc.strerror})") from None
@@ -61,7 +72,7 @@ def load_samples(path: Path | None) -> Samples:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise input_error(path, f"line {line}", "UTF-8 text", f"invalid byte 0x{raw[exc.start]:02x}") from None
-    numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    numbered = numbered_lines(text)
     if not numbered:
         raise input_error(path, "samples", "at least one non-empty line", "none")
     return Samples(tuple(t for _, t in numbered), tuple(n for n, _ in numbered), str(path))
