@@ -151,8 +151,11 @@ def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threa
 @cli.command()
 def targets() -> None:
     """List the known targets (shipped ones and those in $EDGECOMPILE_TARGETS_PATH)."""
-    from edgecompile.lowering.targets import available_targets, load_target_file
+    from edgecompile.lowering.targets import available_targets, load_target_file, shadowing_files
 
+    for path in shadowing_files():
+        click.echo(f"warning: {path}: named like the shipped target '{path.stem}', which it cannot replace; "
+                   "rename it (and its 'name' key)", err=True)
     for name, path in available_targets().items():
         target = load_target_file(path)
         shapes = "dynamic" if target.dynamic_shapes else f"fixed {target.batch}x{target.sequence}"

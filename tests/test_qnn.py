@@ -91,11 +91,15 @@ def test_strict_placement_names_the_nodes_that_fell_off(st_student, router_encod
     assert "Erf x" in err and "Operators of type `Erf` are not supported" in err
 
 
-def test_missing_plugin_names_the_install_command(st_student, router_encoder, masks, tmp_path, cli):
-    missing = tmp_path / "qnn-missing.toml"
-    missing.write_text(QNN.replace('plugin_module = "onnxruntime_qnn"', 'plugin_module = "onnxruntime_qnn_not_installed"'))
+def test_missing_plugin_names_the_install_command(st_student, router_encoder, masks, tmp_path, cli, monkeypatch):
+    from dataclasses import replace
+
+    from edgecompile.serve import runtime
+
+    qnn = runtime.PLUGIN_EPS["QNNExecutionProvider"]
+    monkeypatch.setitem(runtime.PLUGIN_EPS, "QNNExecutionProvider", replace(qnn, module="onnxruntime_qnn_not_installed"))
     code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b",
-                       "--target", missing, "-q")
+                       "--target", "qnn-htp", "-q")
     assert code == 4 and "install it with: pip install onnxruntime-qnn" in err and "Traceback" not in err
 
 

@@ -1,4 +1,4 @@
-"""The bundle on disk: graph files with shared weights, hashes, and loading a bundle
+"""The bundle on disk: graph files with shared weights, hashes, and loading a bundle as untrusted data
 (staging and the atomic commit are in staging.py).
 
 Layout (all paths relative to the bundle root):
@@ -12,6 +12,9 @@ Layout (all paths relative to the bundle root):
 With shared weights, every tensor of at least SHARED_THRESHOLD bytes lives once in
 <target>/weights.bin (deduplicated by content: clusters share everything they did not rewrite)
 and each .onnx file references it as ONNX external data.
+
+Loading checks the manifest's keys and types, and that every path it names is a relative path inside
+the bundle; `Bundle.file` also refuses a path that leaves the bundle through a symbolic link.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx_ir as ir
@@ -174,12 +177,29 @@ class Bundle:
             raise InputError(f"{self.root}: target '{name}' not in this bundle; it has: {', '.join(targets)}")
         return targets[name]
 
+    def file(self, rel: str) -> Path:
+        """A path the manifest names, which must stay inside the bundle (also through symbolic links)."""
+        path = self.root / rel
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise BundleError(f"{path}: leads outside the bundle (through a symbolic link); a bundle holds its own files only")
+        return path
+
     def graph_file(self, target: dict[str, Any], graph: str) -> Path:
         """A graph's file, which must exist (run and bench do not re-hash the bundle)."""
-        path = self.root / target["graphs"][graph]["file"]
+        path = self.file(target["graphs"][graph]["file"])
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle (listed in manifest.json); run `edgecompile verify`")
         return path
+
+    def tokenizer(self, role: str):
+        """The tokenizer of 'student' or 'router'; a bundle whose tokenizer does not load is a bundle error."""
+        from edgecompile.inputs.tokens import load_tokenizer
+
+        try:
+            return load_tokenizer(self.file(self.manifest[role]["tokenizer"]))
+        except InputError as exc:
+            raise BundleError(str(exc)) from None
 
 
 def load_bundle(path: Path) -> Bundle:
@@ -207,10 +227,17 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{path}: {where}{key}: expected a {kind.__name__}{' (non-empty)' if key == 'targets' else ''}, found {value!r}"[:300])
         return value
 
+    def inside(rel: str, where: str) -> str:
+        parts = PurePosixPath(rel).parts
+        if not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise BundleError(f"{path}: {where}: expected a relative path inside the bundle, found {rel!r} (outside the bundle)"[:300])
+        return rel
+
     for role in ("student", "router"):
         section = need(manifest, role, dict, "")
         for key, kind in (("tokenizer", str), ("max_seq_length", int), ("vocab_size", int)):
             need(section, key, kind, f"{role}.")
+        inside(section["tokenizer"], f"{role}.tokenizer")
     for i, cluster in enumerate([need(manifest, "dense", dict, "")] + need(manifest, "clusters", list, "")):
         where = "dense." if i == 0 else f"clusters[{i - 1}]."
         for key, kind in (("graph", str), ("parameters", int), ("macs_per_token", dict), ("bytes", dict)):
@@ -218,17 +245,18 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         if i:
             need(cluster, "kept", dict, where)
     for key in ("report", "data"):
-        need(need(manifest, "parity", dict, ""), key, str, "parity.")
+        inside(need(need(manifest, "parity", dict, ""), key, str, "parity."), f"parity.{key}")
     files = need(manifest, "files", dict, "")
     for rel, entry in files.items():
-        need(entry, "sha256", str, f"files[{rel}].")
+        need(entry, "sha256", str, f"files[{inside(rel, f'files[{rel}]')}].")
     for name, target in need(manifest, "targets", dict, "").items():
-        need(target, "target", dict, f"targets.{name}.")
+        if need(target, "target", dict, f"targets.{name}.").get("name") != name:
+            raise BundleError(f"{path}: targets.{name}.target.name: expected {name!r} (its folder), found {target['target'].get('name')!r}"[:300])
         for key, kind in (("provider", str), ("precision", str), ("format", str), ("parity_executed_on", str),
                           ("dynamic_shapes", bool), ("placement", dict)):
             need(target, key, kind, f"targets.{name}.")
         for graph, info in need(target, "graphs", dict, f"targets.{name}.").items():
-            file = need(info, "file", str, f"targets.{name}.graphs.{graph}.")
+            file = inside(need(info, "file", str, f"targets.{name}.graphs.{graph}."), f"targets.{name}.graphs.{graph}.file")
             if file not in files:
                 raise BundleError(f"{path}: targets.{name}.graphs.{graph}.file: expected a file listed in files, found {file!r}")
 
@@ -239,7 +267,9 @@ def check_hashes(bundle: Bundle) -> list[str]:
     recorded = bundle.manifest.get("files", {})
     for rel, entry in recorded.items():
         path = bundle.root / rel
-        if not path.is_file():
+        if path.is_symlink() or (path.exists() and path.resolve() != bundle.root.resolve() / rel):
+            problems.append(f"{rel}: a symbolic link (a bundle holds regular files only)")
+        elif not path.is_file():
             problems.append(f"{rel}: missing")
         elif (found := sha256_file(path)) != entry["sha256"]:
             problems.append(f"{rel}: sha256 expected {entry['sha256'][:12]}…, found {found[:12]}…")

@@ -3,7 +3,11 @@ onnxruntime against the PyTorch reference outputs stored in the bundle.
 
 The teacher-forced integer rows of low-bit graphs need the PyTorch model and are checked at build
 time only; verify re-checks their end-to-end outputs under the target's lowbit_* tolerances.
-The manifest is the root of trust: it records the hashes and the tolerances verify applies.
+
+The manifest is data to check, not a rule to obey: the hashes it records are compared with the files,
+every path must stay inside the bundle, and parity is judged by this edgecompile's own definition of
+the target (a manifest may record stricter tolerances, never looser ones: see targets.target_from_dict).
+Any inconsistency between manifest, samples, reference outputs and graphs is one BundleError (exit 5).
 """
 
 from __future__ import annotations
@@ -13,45 +17,98 @@ from collections import defaultdict
 import numpy as np
 
 from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
-from edgecompile.errors import BundleError
 from edgecompile.check.parity import TargetParity, check_target
+from edgecompile.errors import BundleError, InputError, one_line
 from edgecompile.inputs.samples import numbered_lines
-from edgecompile.reference.evaluate import Outputs
+from edgecompile.inputs.tokens import Encoded, encode
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.inputs.tokens import encode, load_tokenizer
+from edgecompile.reference.evaluate import Outputs
 
 
 def load_reference(bundle: Bundle) -> dict[str, Outputs]:
+    """The stored reference outputs, grouped graph -> output -> one array per sample (indices 0..N-1)."""
     from safetensors.numpy import load_file
 
-    flat = load_file(str(bundle.root / REFERENCE_OUTPUTS))
+    path = bundle.file(REFERENCE_OUTPUTS)
+    try:
+        flat = load_file(str(path))
+    except Exception as exc:  # OSError, or SafetensorError (which derives from Exception only)
+        raise BundleError(f"{path}: unreadable ({one_line(exc)})") from None
     grouped: dict[str, dict[str, dict[int, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
     for key, array in flat.items():
-        graph, output, index = key.rsplit("/", 2)
-        grouped[graph][output][int(index)] = array
-    return {g: {o: [by_index[i] for i in sorted(by_index)] for o, by_index in outs.items()} for g, outs in grouped.items()}
+        parts = key.rsplit("/", 2)
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise BundleError(f"{bundle.root / REFERENCE_OUTPUTS}: tensor {key!r}: expected graph/output/index")
+        grouped[parts[0]][parts[1]][int(parts[2])] = array
+    reference = {}
+    for graph, outputs in grouped.items():
+        reference[graph] = {}
+        for output, by_index in outputs.items():
+            if sorted(by_index) != list(range(len(by_index))):
+                raise BundleError(f"{bundle.root / REFERENCE_OUTPUTS}: {graph}/{output}: expected samples 0..{len(by_index) - 1}, "
+                                  f"found indices {sorted(by_index)[:5]}…")
+            reference[graph][output] = [by_index[i] for i in range(len(by_index))]
+    return reference
 
 
-def encoded_samples(bundle: Bundle, role: str):
-    texts = [line for _, line in numbered_lines((bundle.root / REFERENCE_SAMPLES).read_text(encoding="utf-8"))]
-    entry = bundle.manifest[role]
-    return encode(load_tokenizer(bundle.root / entry["tokenizer"]), texts, entry["max_seq_length"])
+def read_samples(bundle: Bundle) -> list[str]:
+    path = bundle.file(REFERENCE_SAMPLES)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: expected UTF-8 text, found invalid byte at offset {exc.start}") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: unreadable ({exc.strerror})") from None
+    return [line for _, line in numbered_lines(text)]
+
+
+def encoded_samples(bundle: Bundle, texts: list[str], role: str) -> list[Encoded]:
+    return encode(bundle.tokenizer(role), texts, bundle.manifest[role]["max_seq_length"])
+
+
+def check_reference(bundle: Bundle, reference: dict[str, Outputs], samples: int, graphs: dict[str, list[str]]) -> None:
+    """Samples, reference outputs and each target's graphs must describe the same build."""
+    where = bundle.root / REFERENCE_OUTPUTS
+    counts = {len(arrays) for outputs in reference.values() for arrays in outputs.values()}
+    if len(counts) > 1:
+        raise BundleError(f"{where}: expected the same number of samples for every output, found {sorted(counts)}")
+    if counts and counts != {samples}:
+        raise BundleError(f"{bundle.root / REFERENCE_SAMPLES}: expected as many samples as {REFERENCE_OUTPUTS} holds "
+                          f"({counts.pop()}), found {samples} sample{'s' if samples != 1 else ''} (replaced or damaged)")
+    for target, names in graphs.items():
+        missing = [g for g in names if not reference.get(g)]
+        if missing or not {"cluster_id", "distances"} <= set(reference.get("router", {})):
+            raise BundleError(f"{where}: expected reference outputs for every graph of target '{target}', "
+                              f"found none for {', '.join(missing or ['router.cluster_id'])}")
+        for cluster_id in reference["router"]["cluster_id"]:
+            if f"cluster_{int(np.asarray(cluster_id).reshape(-1)[0])}" not in names:
+                raise BundleError(f"{where}: router/cluster_id: expected ids of this bundle's clusters, found "
+                                  f"{int(np.asarray(cluster_id).reshape(-1)[0])}")
 
 
 def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int = 0, progress=None) -> list[TargetParity]:
     problems = check_hashes(bundle)
     if problems:
         raise BundleError(f"{bundle.root}: {len(problems)} file(s) do not match the manifest: " + "; ".join(problems[:5]))
+    names = targets or bundle.targets
+    entries = {name: bundle.target(name) for name in names}
+    definitions = {name: target_from_dict(entry["target"], f"{bundle.root / 'manifest.json'}: targets.{name}.target")
+                   for name, entry in entries.items()}
+    texts = read_samples(bundle)
     reference = load_reference(bundle)
-    student_samples, router_samples = encoded_samples(bundle, "student"), encoded_samples(bundle, "router")
+    check_reference(bundle, reference, len(texts), {name: list(entry["graphs"]) for name, entry in entries.items()})
+    student_samples, router_samples = encoded_samples(bundle, texts, "student"), encoded_samples(bundle, texts, "router")
     results = []
-    for name in targets or bundle.targets:
-        entry = bundle.target(name)
-        paths = {graph: bundle.root / info["file"] for graph, info in entry["graphs"].items()}
-        results.append(check_target(
-            target_from_dict(entry["target"]), paths, reference, student_samples, router_samples, threads, progress,
-            lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
-        ))
+    for name, entry in entries.items():
+        paths = {graph: bundle.file(info["file"]) for graph, info in entry["graphs"].items()}
+        try:
+            results.append(check_target(
+                definitions[name], paths, reference, student_samples, router_samples, threads, progress,
+                lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
+            ))
+        except (InputError, KeyError, IndexError, ValueError) as exc:  # the bundle's data disagree with its graphs
+            raise BundleError(f"{bundle.root}: target '{name}': the graphs do not fit the stored samples and reference "
+                              f"outputs ({type(exc).__name__}: {one_line(exc)})") from None
     if not results or not any(r.rows for r in results):
         raise BundleError(f"{bundle.root}: manifest.json: targets: expected at least one target with graphs, found none")
     return results

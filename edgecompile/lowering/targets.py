@@ -1,9 +1,14 @@
 """Targets are data: one TOML file per target in targets/ (or any file a user points at).
 
 `load_target("cpu")` finds `cpu.toml` among the shipped targets and the folders in
-$EDGECOMPILE_TARGETS_PATH; `load_target("path/to/my.toml")` reads that file. Every key is
-checked against SCHEMA: an unknown key or a wrong type is rejected naming the key. What a target
-does to the graphs is its `lowering.steps` list (names from lowering.STEPS), not code branches.
+$EDGECOMPILE_TARGETS_PATH (a file there cannot replace a shipped target: that is an error);
+`load_target("path/to/my.toml")` reads that file. Every key is checked against SCHEMA: an unknown
+key or a wrong type is rejected naming the key. What a target does to the graphs is its
+`lowering.steps` list (names from lowering.STEPS), not code branches. A target file names no code:
+execution-provider plugins come from edgecompile's own list (serve/runtime.py), by provider name.
+
+A bundle records the target it was built for, but reading a bundle never trusts that record:
+`target_from_dict` looks the target up by name among this tool's targets (see its docstring).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 from edgecompile.errors import InputError, input_error, one_line
 
 REQUIRED = object()
+# Keys of earlier versions that named a module and functions to import and call: refused, see runtime.PLUGIN_EPS.
+PLUGIN_KEYS = ("plugin_module", "plugin_library", "plugin_option_paths")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a target's name is also its folder in the bundle
 # section -> key -> (python type(s), default, allowed values or None)
 SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
@@ -30,10 +37,6 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
         # False: the EP cannot run on this machine; artifacts are checked on the CPU EP and the
         # report says so.
         "runs_here": (bool, True, None),
-        # EP shipped as a plugin library by a Python package (onnxruntime >= 1.24 plugin EPs).
-        "plugin_module": (str, "", None),
-        "plugin_library": (str, "", None),  # function of plugin_module returning the library path
-        "plugin_option_paths": (dict, {}, None),  # provider option -> function of plugin_module returning a path
         "install": (str, "", None),  # the command that provides the EP, shown when it is missing
     },
     "shapes": {"dynamic": (bool, True, None), "batch": (int, 1, None), "sequence": (int, 128, None)},
@@ -87,9 +90,6 @@ class Target:
     provider: str
     provider_options: dict[str, Any]
     runs_here: bool
-    plugin_module: str
-    plugin_library: str
-    plugin_option_paths: dict[str, str]
     install: str
     dynamic_shapes: bool
     batch: int
@@ -115,15 +115,28 @@ class Target:
         return self.provider if self.runs_here else "CPUExecutionProvider"
 
 
-def search_dirs() -> list[Path]:
-    dirs = [Path(p) for p in os.environ.get("EDGECOMPILE_TARGETS_PATH", "").split(os.pathsep) if p]
-    dirs.append(Path(str(resources.files("edgecompile._targets"))))
-    return dirs
+def shipped_dir() -> Path:
+    return Path(str(resources.files("edgecompile._targets")))
+
+
+def user_dirs() -> list[Path]:
+    return [Path(p) for p in os.environ.get("EDGECOMPILE_TARGETS_PATH", "").split(os.pathsep) if p]
+
+
+def shipped_targets() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(shipped_dir().glob("*.toml"))}
+
+
+def shadowing_files() -> list[Path]:
+    """Files in $EDGECOMPILE_TARGETS_PATH named like a shipped target (which they cannot replace)."""
+    shipped = shipped_targets()
+    return [path for directory in user_dirs() for path in sorted(directory.glob("*.toml")) if path.stem in shipped]
 
 
 def available_targets() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for directory in search_dirs():
+    """Shipped targets, then the user's ($EDGECOMPILE_TARGETS_PATH, first folder wins) under other names."""
+    found = shipped_targets()
+    for directory in user_dirs():
         for path in sorted(directory.glob("*.toml")):
             found.setdefault(path.stem, path)
     return found
@@ -146,6 +159,11 @@ def _validated(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
             section, items = "", {key: value}
         for name, item in items.items():
             dotted = f"{section}.{name}" if section else name
+            if section == "provider" and name in PLUGIN_KEYS:
+                from edgecompile.serve.runtime import PLUGIN_EPS
+
+                raise input_error(path, f"key '{dotted}'", "no plugin keys: edgecompile loads execution-provider plugins "
+                                  f"by provider name from its own list ({', '.join(PLUGIN_EPS)})", repr(item))
             if name not in SCHEMA[section]:
                 known = ", ".join(f"{section}.{k}" if section else k for k in SCHEMA[section])
                 raise input_error(path, f"key '{dotted}'", f"one of {known}", "an unknown key")
@@ -197,9 +215,6 @@ def load_target_file(path: Path) -> Target:
         provider=provider["name"],
         provider_options={k: str(x) for k, x in provider["options"].items()},
         runs_here=provider["runs_here"],
-        plugin_module=provider["plugin_module"],
-        plugin_library=provider["plugin_library"],
-        plugin_option_paths={k: str(x) for k, x in provider["plugin_option_paths"].items()},
         install=provider["install"],
         dynamic_shapes=v["shapes"]["dynamic"],
         batch=v["shapes"]["batch"],
@@ -229,16 +244,65 @@ def load_target(name_or_path: str) -> Target:
         raise InputError(
             f"--target: unknown target '{name_or_path}'; known targets: {', '.join(sorted(known)) or 'none'}"
         )
-    return load_target_file(known[name_or_path])
+    for path in shadowing_files():
+        if path.stem == name_or_path:
+            raise InputError(f"{path}: named like the shipped target '{name_or_path}', which a file in "
+                             "$EDGECOMPILE_TARGETS_PATH cannot replace; rename it (and its 'name' key)")
+    target = load_target_file(known[name_or_path])
+    if target.name != name_or_path:
+        raise input_error(known[name_or_path], "key 'name'", f"'{name_or_path}' (its file name, by which it was found)",
+                          repr(target.name))
+    return target
 
 
 def target_to_dict(target: Target) -> dict[str, Any]:
-    """What a bundle records so `verify` can re-run parity exactly as the build did."""
+    """What a bundle records: the whole definition, for people and for `verify` to compare against."""
     data = asdict(target)
     data.pop("source")
     data["steps"] = list(target.steps)
     return data
 
 
-def target_from_dict(data: dict[str, Any]) -> Target:
-    return Target(**{**data, "steps": tuple(data["steps"]), "parity": ParityTolerances(**data["parity"])})
+def target_from_dict(recorded: Any, where: str | None = None) -> Target:
+    """The target a bundle was built for, as THIS edgecompile defines it (reading a bundle trusts no record).
+
+    The target is looked up by the recorded name among this tool's targets (shipped, then
+    $EDGECOMPILE_TARGETS_PATH); its provider, provider options, plugin, placement rules and
+    tolerances come from that definition. The record supplies only what describes the files
+    (dynamic or fixed shapes) and tolerances that are at least as strict as the tool's; a different
+    provider or a looser tolerance is an inconsistency (BundleError, exit 5).
+    """
+    from dataclasses import fields, replace
+
+    from edgecompile.errors import BundleError, EnvironmentProblem
+
+    name = recorded.get("name") if isinstance(recorded, dict) else None
+    where = where or f"manifest.json: targets.{name if isinstance(name, str) and NAME.match(name) else '?'}.target"
+    if not isinstance(name, str) or not NAME.match(name):
+        raise BundleError(f"{where}.name: expected a target name, found {name!r}"[:300])
+    if name not in available_targets():
+        raise EnvironmentProblem(f"{where}.name: '{name}' is not a target this edgecompile knows "
+                                 f"({', '.join(sorted(available_targets()))}); add its .toml to $EDGECOMPILE_TARGETS_PATH")
+    tool = load_target(name)
+    if recorded.get("provider") != tool.provider:
+        raise BundleError(f"{where}.provider: expected {tool.provider!r} (target '{name}' of this edgecompile), "
+                          f"found {recorded.get('provider')!r}"[:300])
+    parity = recorded.get("parity", {})
+    if not isinstance(parity, dict):
+        raise BundleError(f"{where}.parity: expected a table of tolerances, found {parity!r}"[:300])
+    tolerances = {}
+    for key in (f.name for f in fields(ParityTolerances)):
+        rule, value = getattr(tool.parity, key), parity.get(key, getattr(tool.parity, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BundleError(f"{where}.parity.{key}: expected a finite number, found {value!r}"[:300])
+        at_most = key.startswith("max_")
+        if (value > rule) if at_most else (value < rule):
+            raise BundleError(f"{where}.parity.{key}: expected {'at most' if at_most else 'at least'} {rule:g} "
+                              f"(target '{name}' of this edgecompile), found {value:g}")
+        tolerances[key] = float(value)
+    shapes = {"dynamic_shapes": recorded.get("dynamic_shapes"), "batch": recorded.get("batch"), "sequence": recorded.get("sequence")}
+    if not isinstance(shapes["dynamic_shapes"], bool) or not all(
+            isinstance(shapes[k], int) and not isinstance(shapes[k], bool) and shapes[k] >= 1 for k in ("batch", "sequence")):
+        raise BundleError(f"{where}: dynamic_shapes, batch, sequence: expected a boolean and two positive integers, "
+                          f"found {shapes!r}"[:300])
+    return replace(tool, parity=ParityTolerances(**tolerances), **shapes)

@@ -8,9 +8,10 @@ import numpy as np
 
 from edgecompile.bundle.store import Bundle
 from edgecompile.check.parity import check_fits
-from edgecompile.serve.runtime import create_session
+from edgecompile.errors import BundleError
+from edgecompile.inputs.tokens import encode, pad_batch
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.inputs.tokens import encode, load_tokenizer, pad_batch
+from edgecompile.serve.runtime import create_session
 
 
 def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -19,12 +20,11 @@ def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, threads: int = 0) -> dict[str, Any]:
     entry = bundle.target(target_name)
-    target = target_from_dict(entry["target"])
+    target = target_from_dict(entry["target"], f"{bundle.root / 'manifest.json'}: targets.{entry['target'].get('name')}.target")
     length = None if target.dynamic_shapes else target.sequence
 
     def tokens(role: str):
-        info = bundle.manifest[role]
-        encoded = encode(load_tokenizer(bundle.root / info["tokenizer"]), [text], info["max_seq_length"])
+        encoded = encode(bundle.tokenizer(role), [text], bundle.manifest[role]["max_seq_length"])
         check_fits(encoded, target, "--text", which=role)
         return encoded[0], pad_batch(encoded, length)
 
@@ -32,6 +32,8 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
     router = create_session(bundle.graph_file(entry, "router"), target, threads)
     cluster_id, distances = router.run(["cluster_id", "distances"], _feed(router, router_batch))
     k = int(cluster_id.reshape(-1)[0])
+    if f"cluster_{k}" not in entry["graphs"]:
+        raise BundleError(f"{bundle.root}: router.onnx chose cluster {k}, which this bundle does not have")
     sample, batch = tokens("student")
     session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
     names = [o.name for o in session.get_outputs()]

@@ -3,13 +3,16 @@
 Built-in EPs are requested by name. Plugin EPs (onnxruntime >= 1.24, e.g. the `onnxruntime-qnn`
 package) are registered once per process from the library their Python package names, then
 selected by device; their provider options may include paths the package computes (the QNN HTP
-backend library). A strict session disables CPU fallback, so onnxruntime itself refuses to run
-a graph with any node off the target EP.
+backend library). Which package and which of its functions: PLUGIN_EPS, a fixed list in this file,
+keyed by provider name. Neither a target file nor a bundle can name a module to import or a
+function to call. A strict session disables CPU fallback, so onnxruntime itself refuses to run a
+graph with any node off the target EP.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,23 @@ import onnxruntime as ort
 
 from edgecompile.errors import EdgecompileError, EnvironmentProblem, one_line
 from edgecompile.lowering.targets import Target
+
+
+@dataclass(frozen=True)
+class PluginEP:
+    """An EP shipped as a plugin library by a Python package."""
+
+    module: str  # the package's import name
+    library: str  # its function returning the EP library's path
+    option_paths: tuple[tuple[str, str], ...]  # (provider option, its function returning a path)
+    install: str
+
+
+# The only modules reaching an EP may import, and the only functions it may call.
+PLUGIN_EPS: dict[str, PluginEP] = {
+    "QNNExecutionProvider": PluginEP("onnxruntime_qnn", "get_library_path", (("backend_path", "get_qnn_htp_path"),),
+                                     "pip install onnxruntime-qnn"),
+}
 
 _REGISTERED: set[str] = set()
 
@@ -29,28 +49,29 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def _plugin_module(target: Target) -> Any:
+def _plugin_module(target: Target, plugin: PluginEP) -> Any:
     try:
-        return importlib.import_module(target.plugin_module)
+        return importlib.import_module(plugin.module)
     except ImportError:
-        hint = f"; install it with: {target.install}" if target.install else ""
         raise EnvironmentProblem(
-            f"target '{target.name}': {target.provider} needs the Python package providing '{target.plugin_module}'{hint}"
+            f"target '{target.name}': {target.provider} needs the Python package providing '{plugin.module}'; "
+            f"install it with: {plugin.install}"
         ) from None
 
 
 def provider_options(target: Target) -> dict[str, str]:
     options = dict(target.provider_options)
-    if target.plugin_module:
-        module = _plugin_module(target)
-        options.update({key: str(getattr(module, function)()) for key, function in target.plugin_option_paths.items()})
+    plugin = PLUGIN_EPS.get(target.provider)
+    if plugin is not None:
+        module = _plugin_module(target, plugin)
+        options.update({key: str(getattr(module, function)()) for key, function in plugin.option_paths})
     return options
 
 
-def _plugin_devices(target: Target) -> list[Any]:
-    module = _plugin_module(target)
+def _plugin_devices(target: Target, plugin: PluginEP) -> list[Any]:
+    module = _plugin_module(target, plugin)
     if target.provider not in _REGISTERED:
-        ort.register_execution_provider_library(target.provider, str(getattr(module, target.plugin_library)()))
+        ort.register_execution_provider_library(target.provider, str(getattr(module, plugin.library)()))
         _REGISTERED.add(target.provider)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == target.provider]
     if not devices:
@@ -64,8 +85,9 @@ def configure(options: ort.SessionOptions, target: Target, strict: bool) -> list
         return ["CPUExecutionProvider"]
     if strict:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    if target.plugin_module:
-        options.add_provider_for_devices(_plugin_devices(target), provider_options(target))
+    plugin = PLUGIN_EPS.get(target.provider)
+    if plugin is not None:
+        options.add_provider_for_devices(_plugin_devices(target, plugin), provider_options(target))
         return None
     available = ort.get_available_providers()
     if target.provider not in available:

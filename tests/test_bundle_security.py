@@ -1,0 +1,151 @@
+"""Reading a bundle never imports or runs anything named in it, and `verify` checks a bundle against
+rules the tool owns (its own targets' tolerances, paths inside the bundle), never against the manifest's word."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from bundles import build_small_bundle, copy_bundle, edit_manifest, rehash
+from test_bad_inputs import assert_one_line_error
+
+SHIPPED = Path(__file__).parents[1] / "targets"
+
+
+@pytest.fixture(autouse=True)
+def only_shipped_targets(monkeypatch):
+    monkeypatch.delenv("EDGECOMPILE_TARGETS_PATH", raising=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, st_student, router_encoder) -> Path:
+    return build_small_bundle(tmp_path_factory.mktemp("security"), st_student, router_encoder)
+
+
+@pytest.fixture
+def bundle(built, tmp_path) -> Path:
+    return copy_bundle(built, tmp_path / "bundle")
+
+
+READING_COMMANDS = (("verify",), ("run", "--text", "hello there"), ("bench", "--runs", "3", "--warmup", "0", "--sequence", "8"))
+
+
+def test_a_plugin_named_in_the_manifest_is_never_imported(bundle, tmp_path, monkeypatch, cli):
+    """A crafted manifest names an importable module and a function of it as an EP plugin library."""
+    ran = tmp_path / "the_plugin_ran"
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "ec_probe_plugin.py").write_text(
+        f"from pathlib import Path\n\ndef library():\n    Path({str(ran)!r}).write_text('ran')\n    return '/nonexistent.so'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+
+    def craft(manifest):
+        manifest["targets"]["cpu"]["target"].update(
+            provider="ProbeExecutionProvider", runs_here=True, plugin_module="ec_probe_plugin", plugin_library="library",
+            plugin_option_paths={"backend_path": "library"})
+
+    edit_manifest(bundle, craft)
+    for command in READING_COMMANDS:
+        result = cli(command[0], bundle, *command[1:])
+        assert not ran.exists(), (command, result)
+        assert_one_line_error(result, "targets.cpu.target.provider", "CPUExecutionProvider", "ProbeExecutionProvider", code=5)
+
+
+def test_plugin_keys_of_a_target_file_are_rejected(cli, tmp_path, st_student, router_encoder):
+    """EP plugins come from edgecompile's fixed list, keyed by provider name; a target file cannot name code."""
+    evil = tmp_path / "evil.toml"
+    evil.write_text((SHIPPED / "cpu.toml").read_text().replace(
+        '[provider]\nname = "CPUExecutionProvider"',
+        '[provider]\nname = "QNNExecutionProvider"\nplugin_module = "os"\nplugin_library = "abort"'))
+    result = cli("build", st_student, "--masks", tmp_path / "unused.safetensors", "--router-encoder", router_encoder,
+                 "--out", tmp_path / "b", "--target", evil, "-q")
+    assert_one_line_error(result, "evil.toml", "provider.plugin_module", "QNNExecutionProvider")
+
+
+def test_a_user_target_named_like_a_shipped_one_is_refused(cli, tmp_path, monkeypatch, st_student, router_encoder):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "cpu.toml").write_text((SHIPPED / "cpu.toml").read_text().replace("max_relative_error = 1e-4", "max_relative_error = 0.5"))
+    monkeypatch.setenv("EDGECOMPILE_TARGETS_PATH", str(mine))
+    result = cli("build", st_student, "--masks", tmp_path / "unused.safetensors", "--router-encoder", router_encoder,
+                 "--out", tmp_path / "b", "--target", "cpu", "-q")
+    assert_one_line_error(result, str(mine / "cpu.toml"), "shipped target 'cpu'")
+    assert not (tmp_path / "b").exists()
+
+
+def _perturb_reference(bundle: Path, factor: float) -> None:
+    """Reference outputs a little off: the bundle's graphs no longer match them."""
+    path = bundle / "reference" / "outputs.safetensors"
+    tensors = {k: (v * factor if v.dtype.kind == "f" else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path))
+    rehash(bundle, "reference/outputs.safetensors")
+
+
+def test_verify_does_not_take_loosened_tolerances_from_the_manifest(bundle, cli):
+    _perturb_reference(bundle, 1.01)
+    code, out, err = cli("verify", bundle)
+    assert code == 3 and "FAIL" in err  # the tool's cpu tolerances catch it
+
+    def loosen(manifest):
+        manifest["targets"]["cpu"]["target"]["parity"].update(
+            max_relative_error=1e30, min_cosine=0.0, lowbit_max_relative_error=1e30, lowbit_min_cosine=0.0)
+
+    edit_manifest(bundle, loosen)
+    assert_one_line_error(cli("verify", bundle), "targets.cpu.target.parity.max_relative_error", "at most 0.0001", "1e+30", code=5)
+
+
+def test_verify_accepts_only_paths_inside_the_bundle(bundle, tmp_path, cli):
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes((bundle / "cpu" / "cluster_0.onnx").read_bytes())
+    cases = {
+        "absolute": lambda m: m["files"].update({"/etc/hostname": {"sha256": "0" * 64}}),
+        "dotdot": lambda m: m["targets"]["cpu"]["graphs"]["cluster_0"].update(file="../outside.onnx"),
+        "tokenizer": lambda m: m["student"].update(tokenizer="/etc"),
+    }
+    for label, change in cases.items():
+        copy = copy_bundle(bundle, tmp_path / label)
+        edit_manifest(copy, change)
+        if label == "absolute":
+            rehash(copy, "/etc/hostname")
+        if label == "dotdot":
+            edit_manifest(copy, lambda m: m["files"].update({"../outside.onnx": m["files"]["cpu/cluster_0.onnx"]}))
+        for command in READING_COMMANDS:
+            assert_one_line_error(cli(command[0], copy, *command[1:]), "outside the bundle", code=5)
+
+
+def test_verify_refuses_a_file_that_is_a_symlink_out_of_the_bundle(bundle, cli):
+    (bundle / "parity.md").unlink()
+    (bundle / "parity.md").symlink_to("/etc/hostname")
+    rehash(bundle, "parity.md")
+    assert_one_line_error(cli("verify", bundle), "parity.md", "symbolic link", code=5)
+
+
+def test_verify_with_replaced_samples_is_one_line(bundle, cli):
+    (bundle / "reference" / "samples.txt").write_text("only one sample now\n")
+    rehash(bundle, "reference/samples.txt")
+    assert_one_line_error(cli("verify", bundle), "reference/samples.txt", "1 sample", "24", code=5)
+    (bundle / "reference" / "samples.txt").write_bytes(b"caf\xe9\n")
+    rehash(bundle, "reference/samples.txt")
+    assert_one_line_error(cli("verify", bundle), "reference/samples.txt", "UTF-8", code=5)
+
+
+def test_verify_with_a_reference_that_does_not_match_the_graphs_is_one_line(bundle, cli):
+    path = bundle / "reference" / "outputs.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("cluster_1/")}
+    save_file(tensors, str(path))
+    rehash(bundle, "reference/outputs.safetensors")
+    assert_one_line_error(cli("verify", bundle), "reference/outputs.safetensors", "cluster_1", code=5)
+
+
+def test_manifest_without_parity_is_one_line_for_every_command(bundle, cli):
+    edit_manifest(bundle, lambda m: m.pop("parity"))
+    for command in (("inspect",),) + READING_COMMANDS:
+        assert_one_line_error(cli(command[0], bundle, *command[1:]), "parity", code=5)
+
+
+def test_an_untampered_bundle_still_verifies(bundle, cli):
+    code, out, err = cli("verify", bundle)
+    assert code == 0 and "parity passed" in err, err
+    assert json.loads((bundle / "manifest.json").read_text())["schema"] == "edgecompile-bundle/1"
