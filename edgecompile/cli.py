@@ -95,11 +95,18 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 def run(bundle_dir: Path, text: str, target: str | None, threads: int) -> None:
-    """Route one input with router.onnx, run the chosen cluster, print JSON."""
-    from edgecompile.bundle.store import load_bundle
-    from edgecompile.serve.infer import route_and_run
+    """Route one input with router.onnx, run the chosen cluster, print JSON.
 
-    click.echo(json.dumps(route_and_run(load_bundle(bundle_dir), text, target, threads)))
+    A text longer than a model's max_seq_length is cut to it, as an app would; the JSON's `truncated`
+    and a warning on stderr say so.
+    """
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.serve.infer import route_and_run, truncation_warning
+
+    result = route_and_run(load_bundle(bundle_dir), text, target, threads)
+    if warning := truncation_warning(result):
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(json.dumps(result))
 
 
 @cli.command()
@@ -141,11 +148,43 @@ def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threa
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         raise InputError(f"{json_path}: --json: expected a file path in an existing folder, found "
                          f"{'a folder' if json_path.is_dir() else 'a missing parent folder'}")
+    if json_path is not None and (bundle := _enclosing_bundle(json_path, bundle_dir)):
+        raise InputError(f"{json_path}: --json: expected a path outside any bundle, found one inside the bundle {bundle}")
     bundle = load_bundle(bundle_dir)
     rows = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup)
     click.echo(bench_table(rows, batch, sequence, threads))
     if json_path:
-        json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        _write_atomically(json_path, json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+
+
+def _enclosing_bundle(path: Path, bundle_dir: Path) -> Path | None:
+    """The bundle a file written at `path` would land in (writing there would change or break it), if any."""
+    from edgecompile.bundle.store import MANIFEST, SCHEMA_VERSION
+
+    folder = path.parent.resolve()
+    if folder.is_relative_to(bundle_dir.resolve()):
+        return bundle_dir
+    for candidate in (folder, *folder.parents):
+        try:
+            if json.loads((candidate / MANIFEST).read_text(encoding="utf-8")).get("schema") == SCHEMA_VERSION:
+                return candidate
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A report appears whole or not at all (Ctrl-C or a full disk leave no half-written file)."""
+    import tempfile
+
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 @cli.command()

@@ -1,4 +1,9 @@
-"""`edgecompile run`: what an app does with a bundle: route one text, then run that cluster."""
+"""`edgecompile run`: what an app does with a bundle: route one text, then run that cluster.
+
+Like the app snippet in the README, a text longer than a model's max_seq_length is cut to it (the
+models were built and checked for that length). It is never cut silently: the result's `truncated`
+says, per model, how many tokens the text had and how many were kept, and the CLI warns on stderr.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +27,15 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
     entry = bundle.target(target_name)
     target = target_from_dict(entry["target"], f"{bundle.root / 'manifest.json'}: targets.{entry['target'].get('name')}.target")
     length = None if target.dynamic_shapes else target.sequence
+    truncated: dict[str, dict[str, int]] = {}
 
     def tokens(role: str):
-        encoded = encode(bundle.tokenizer(role), [text], bundle.manifest[role]["max_seq_length"])
+        tokenizer, limit = bundle.tokenizer(role), bundle.manifest[role]["max_seq_length"]
+        encoded = encode(tokenizer, [text], limit)
         check_fits(encoded, target, "--text", which=role)
+        total = len(tokenizer(text, truncation=False)["input_ids"])
+        if total > encoded[0].length:
+            truncated[role] = {"input_tokens": total, "kept": encoded[0].length}
         return encoded[0], pad_batch(encoded, length)
 
     router_sample, router_batch = tokens("router")
@@ -50,5 +60,16 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
         "cluster_id": k,
         "distances": [float(x) for x in distances[0]],
         "tokens": sample.length,
+        "truncated": {role: truncated[role] for role in ("student", "router") if role in truncated},
         "outputs": outputs,
     }
+
+
+def truncation_warning(result: dict[str, Any]) -> str | None:
+    """One line saying what `run` cut, or None."""
+    cut = result["truncated"]
+    if not cut:
+        return None
+    total = max(c["input_tokens"] for c in cut.values())
+    kept = " and ".join(f"the {role} read the first {c['kept']}" for role, c in cut.items())
+    return f"--text is {total} tokens; {kept} (max_seq_length); the rest was ignored"
