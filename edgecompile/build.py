@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompile.errors import ParityError, input_error
-from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan
+from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan, summarize_plan
 from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
 from edgecompile.inputs.student import StudentSpec, load_student
@@ -220,12 +220,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         models = load_models(inputs)
     compiled = compile_graphs(inputs, models, progress)
     if not models.lowbit.empty:
-        plan = models.lowbit
-        progress.note(
-            f"low-bit ({plan.source}): {len(plan.linears)} Linears "
-            f"({', '.join(sorted({f'{p.bits}-bit {p.activation}' for p in plan.linears})) or 'none'}), "
-            f"word embeddings {'%d-bit' % plan.embedding.bits if plan.embedding else 'fp32'}"
-        )
+        progress.note(summarize_plan(models.lowbit))
     with progress.step("PyTorch reference on samples"):
         quantized = QuantizedLinears(models.student.model, {p.module: (p.activation, p.static_scale) for p in models.lowbit.linears})
         try:

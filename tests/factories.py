@@ -118,10 +118,12 @@ def write_masks(
     return Path(path)
 
 
-def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddings: bool = True) -> Path:
+def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddings: bool = True, groups: int | None = None) -> Path:
     """Rewrite a checkpoint the way DeepSpeed's XTC `redundancy_clean` leaves it: every encoder Linear
     weight replaced by sign(W) * alpha per group as dense floats, with DeepSpeed's own formulas
-    (BinaryQuantizer: alpha = norm(p=1) / n per row; TernaryQuantizer: 0.7 * mean threshold)."""
+    (deepspeed/compression/utils.py, BinaryQuantizer: input.reshape(num_groups, -1), alpha =
+    norm(p=1) / n per group; TernaryQuantizer: 0.7 * mean threshold). `groups`: DeepSpeed's
+    `quantize_groups` for every Linear (default: one per output row); more groups than rows cut rows."""
     from safetensors.torch import load_file, save_file
 
     path = Path(directory) / "model.safetensors"
@@ -132,7 +134,7 @@ def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddi
         is_embedding = embeddings and name.endswith("word_embeddings.weight")
         if not (is_linear or is_embedding):
             continue
-        flat = weight.reshape(weight.shape[0], -1)  # num_groups = out_features (one alpha per row)
+        flat = weight.reshape(groups if groups and is_linear else weight.shape[0], -1)  # input.reshape(num_groups, -1)
         if ternary_ffn and "intermediate" in name:
             n = flat.shape[1]
             m = flat.norm(p=1, dim=1).div(n)

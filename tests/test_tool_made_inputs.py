@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import HEADS, INTERMEDIATE, LAYERS, gates
+from conftest import INTERMEDIATE, LAYERS, gates
 from factories import make_bert, redundancy_clean_like
 from test_bad_inputs import assert_one_line_error
 
@@ -122,3 +122,28 @@ def test_stored_position_ids_are_not_unexpected(tmp_path):
     save_file(tensors, str(student / "model.safetensors"), metadata={"format": "pt"})
     module = load_student_module(load_student(student))
     assert module.spec.num_layers == LAYERS
+
+
+# --- item 9: a very sparse float student is a float student --------------------------------------
+
+
+def test_torch_pruned_float_student_compiles_as_float(cli, router_encoder, masks_file, tmp_path):
+    import torch
+    from torch.nn.utils import prune
+    from transformers import BertModel
+
+    student = make_bert(tmp_path / "sparse", family="st", seed=34)
+    model = BertModel.from_pretrained(str(student), add_pooling_layer=False)
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            prune.l1_unstructured(module, "weight", amount=0.9)  # a level DeepSpeed's docs suggest
+            prune.remove(module, "weight")
+    model.save_pretrained(str(student), safe_serialization=True)
+    query = model.encoder.layer[0].attention.self.query.weight.detach().numpy()
+    assert float(((query == 0).mean(axis=1)).min()) > 0.75  # every row: the old upper-quartile rule saw "binary"
+    out = tmp_path / "bundle"
+    code, _, err = cli_build(cli, student, masks_file(PRUNING), router_encoder, out, "-q")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["student"]["precision"] == {"lowbit": None, "fp32": "every tensor"}
+    assert all(r["passed"] for r in passed_rows(out)) and not manifest["targets"]["cpu"]["lowbit_graphs"]

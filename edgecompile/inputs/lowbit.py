@@ -10,10 +10,14 @@ Two ways in:
         "word_embeddings": {"bits": 1}}
    `stored` (per entry, default "latent"): "latent" means the checkpoint holds latent floats and
    edgecompile quantizes them; "quantized" means it already holds codes * alpha and must match.
+   `activations`: "dynamic" / "static" (8-bit symmetric) or "none" (float activations, W1A32).
 2. Detected, without a sidecar: Linear weights of the encoder (and the word embeddings) that are
-   exactly sign * alpha per row, as DeepSpeed's redundancy_clean leaves them, are recovered
-   exactly; their inputs get 8-bit dynamic (per-token) quantization, XTC's default. A tensor that
-   is almost but not exactly of that form is an error, never silently rounded.
+   exactly sign * alpha per row (or per DeepSpeed group within a row), as DeepSpeed's
+   redundancy_clean leaves them, are recovered exactly. A tensor counts as low-bit only when its
+   non-zero values repeat one magnitude along rows (`lowbit_evidence`); float weights, however
+   sparse, never do. The checkpoint does not record how activations were trained: detection
+   assumes 8-bit dynamic (per-token), XTC's default, and says so; a sidecar chooses otherwise.
+   A tensor that is almost but not exactly low-bit is an error, never silently rounded.
 Module names are those of the Hugging Face model (`encoder.layer.0.attention.self.query`;
 `bert.` first for BertForSequenceClassification); patterns use shell wildcards.
 """
@@ -39,6 +43,8 @@ EMBEDDING_KEYS = ("bits", "stored")
 STAYS_FP32 = ("pooler", "classifier")
 BINARY_MAX_ZERO_SHARE = 0.01  # a "binary" tensor may hold exact zeros (sign(0) = 0), but only a few
 DETECTED_TERNARY_ZERO_SHARE = 0.05
+ACTIVATIONS = {"dynamic": "8-bit symmetric dynamic", "static": "8-bit symmetric static", "none": "none (float32)"}
+DETECTED_ACTIVATIONS = "dynamic"  # XTC's default; a checkpoint does not record it
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ class LinearPlan:
     module: str  # Hugging Face module name
     bits: int
     groups: str | int
-    activation: str  # "dynamic" | "static"
+    activation: str  # "dynamic" | "static" | "none"
     static_scale: float | None
     stored: str  # "latent" | "quantized" | "detected"
 
@@ -98,15 +104,15 @@ def read_sidecar(student_dir: Path) -> tuple[Path, dict[str, Any]] | None:
         groups = entry.get("groups", "row")
         if not (groups in ("row", "matrix") or (isinstance(groups, int) and not isinstance(groups, bool) and groups > 0)):
             raise input_error(path, f"{where}.groups", "'row', 'matrix' or a positive number of groups", repr(groups))
-        if entry.get("activations") not in ("dynamic", "static"):
-            raise input_error(path, f"{where}.activations", "'dynamic' or 'static' (8-bit symmetric)", repr(entry.get("activations")))
+        if entry.get("activations") not in ACTIVATIONS:
+            raise input_error(path, f"{where}.activations", "'dynamic' or 'static' (8-bit symmetric) or 'none' (float)", repr(entry.get("activations")))
         if entry.get("stored", "latent") not in ("latent", "quantized"):
             raise input_error(path, f"{where}.stored", "'latent' or 'quantized'", repr(entry.get("stored")))
         scales = entry.get("static_scales", {})
         if not isinstance(scales, dict):
             raise input_error(path, f"{where}.static_scales", "an object of module: scale", type(scales).__name__)
-        if entry["activations"] == "dynamic" and scales:
-            raise input_error(path, f"{where}.static_scales", "none with dynamic activations", f"{len(scales)} scales")
+        if entry["activations"] != "static" and scales:
+            raise input_error(path, f"{where}.static_scales", f"none with {entry['activations']} activations", f"{len(scales)} scales")
     embeddings = data.get("word_embeddings", {})
     if "word_embeddings" in data:
         if not isinstance(embeddings, dict):
@@ -130,16 +136,28 @@ def _bits(path: Path, where: str, bits: Any) -> None:
         raise input_error(path, f"{where}.bits", "1 (binary) or 2 (ternary)", repr(bits))
 
 
+def runs_per_row(shape: tuple[int, int], groups: str | int) -> int:
+    """How many alphas a row gets: g contiguous chunks of the row-major weight cut a row into
+    in / gcd(chunk, in) runs (1 when chunks hold whole rows)."""
+    if not isinstance(groups, int):
+        return 1
+    out_features, in_features = shape
+    return in_features // math.gcd((out_features * in_features) // groups, in_features)
+
+
 def _check_groups(path: Path, where: str, module: str, shape: tuple[int, int], groups: str | int) -> None:
+    from edgecompile.reference.lowbit import MAX_RUNS_PER_ROW, MIN_RUN_WIDTH
+
     if not isinstance(groups, int):
         return
     out_features, in_features = shape
     if (out_features * in_features) % groups:
         raise input_error(path, f"{where}.groups for {module}", f"a number of groups dividing the weight's {out_features}x{in_features} values", groups)
-    if out_features % groups:
-        raise input_error(
-            path, f"{where}.groups for {module}", f"whole rows per group (a divisor of {out_features} output rows; sub-row groups are not supported)", groups
-        )
+    runs, limit = runs_per_row(shape, groups), min(MAX_RUNS_PER_ROW, max(in_features // MIN_RUN_WIDTH, 1))
+    if runs > limit:
+        raise input_error(path, f"{where}.groups for {module}",
+                          f"at most {limit} alphas per row of {in_features} inputs (at most {MAX_RUNS_PER_ROW}, each over at least {MIN_RUN_WIDTH} inputs)",
+                          f"{groups} (groups of {out_features * in_features // groups} values: {runs} per row)")
 
 
 def _linear_modules(model) -> dict[str, Any]:
@@ -159,22 +177,19 @@ def _weights_file(spec) -> Path:
 
 def _verify_stored(source: Path, module: str, weight: np.ndarray, bits: int, groups: str | int) -> None:
     """A declared already-quantized tensor must be exactly what the declaration says."""
-    from edgecompile.reference.lowbit import describe_mismatch, recover_codes
+    from edgecompile.reference.lowbit import describe_mismatch
 
-    recovered = recover_codes(weight)
-    if recovered is None:
+    blocks = 1 if groups == "matrix" else (weight.shape[0] if groups == "row" else int(groups))
+    magnitude = np.abs(np.asarray(weight, dtype=np.float32)).reshape(blocks, -1)
+    alpha = magnitude.max(axis=1, keepdims=True)
+    if not np.all((magnitude == 0) | (magnitude == alpha)):
         off, worst = describe_mismatch(weight)
-        raise input_error(source, f"tensor {module}.weight", f"{bits}-bit codes * alpha per row as declared",
-                          f"{off} values off the row magnitude (by up to {worst:.2g} relative)")
-    zeros = float(np.mean(recovered.codes == 0))
+        raise input_error(source, f"tensor {module}.weight", f"{bits}-bit codes * alpha per row as declared ({groups!r} groups)",
+                          f"{off} values off their run's magnitude (by up to {worst:.2g} relative)" if off else "alphas that differ within a group")
+    zeros = float(np.mean(magnitude == 0))
     if bits == 1 and zeros > BINARY_MAX_ZERO_SHARE:
         raise input_error(source, f"tensor {module}.weight", "binary codes (sign, almost no zeros) as declared",
                           f"{zeros:.0%} zeros (ternary?)")
-    alpha = recovered.alpha
-    blocks = 1 if groups == "matrix" else (len(alpha) if groups == "row" else int(groups))
-    per_block = alpha.reshape(blocks, -1)
-    if not np.all(per_block == per_block[:, :1]):
-        raise input_error(source, f"tensor {module}.weight", f"one alpha per group ({groups!r} groups) as declared", "alphas that differ within a group")
 
 
 def resolve_plan(spec, sidecar: tuple[Path, dict[str, Any]] | None, model) -> LowBitPlan:
@@ -228,7 +243,7 @@ def resolve_plan(spec, sidecar: tuple[Path, dict[str, Any]] | None, model) -> Lo
 
 
 def _detect(spec, model, linears: dict[str, Any], embedding_name: str) -> LowBitPlan:
-    from edgecompile.reference.lowbit import describe_mismatch, looks_lowbit, recover_codes
+    from edgecompile.reference.lowbit import LOWBIT_MIN_EVIDENCE, MAX_RUNS_PER_ROW, describe_mismatch, lowbit_evidence, recover_codes
 
     plans = []
     candidates = {name: m.weight for name, m in linears.items() if ".layer." in name}
@@ -236,24 +251,31 @@ def _detect(spec, model, linears: dict[str, Any], embedding_name: str) -> LowBit
     embedding = None
     for name, parameter in candidates.items():
         weight = parameter.detach().numpy()
-        recovered = recover_codes(weight)
+        if lowbit_evidence(weight) < LOWBIT_MIN_EVIDENCE:
+            continue  # a float tensor (its magnitudes do not repeat), however many zeros it holds
+        tensor = f"tensor {name}.weight"
+        limit = 1 if name == embedding_name else MAX_RUNS_PER_ROW
+        recovered = recover_codes(weight, limit)
         if recovered is None:
-            if looks_lowbit(weight):
-                off, worst = describe_mismatch(weight)
-                raise input_error(
-                    _weights_file(spec), f"tensor {name}.weight", "exactly sign * alpha per row (it looks binary/ternary)",
-                    f"{off} values off the row magnitude by up to {worst:.2g} relative; declare it in {SIDECAR} "
-                    "with \"stored\": \"latent\" to re-quantize, or fix the checkpoint",
-                )
-            continue
+            off, worst = describe_mismatch(weight)
+            raise input_error(
+                _weights_file(spec), tensor, "exactly sign * alpha per row or per group (it looks binary/ternary)",
+                f"{off} values off their run's magnitude by up to {worst:.2g} relative; declare it in {SIDECAR} "
+                "with \"stored\": \"latent\" to re-quantize, or fix the checkpoint",
+            )
         bits = 2 if float(np.mean(recovered.codes == 0)) > DETECTED_TERNARY_ZERO_SHARE else 1
         if name == embedding_name:
             embedding = EmbeddingPlan(name, bits, "detected")
         else:
-            plans.append(LinearPlan(name, bits, "row", "dynamic", None, "detected"))
+            plans.append(LinearPlan(name, bits, _detected_groups(recovered), DETECTED_ACTIVATIONS, None, "detected"))
     if not plans and embedding is None:
         return LowBitPlan()
     return LowBitPlan(tuple(plans), embedding, "detected")
+
+
+def _detected_groups(recovered) -> str | int:
+    """'row', or DeepSpeed's group count for equal chunks that cut rows."""
+    return "row" if recovered.runs == 1 else recovered.codes.shape[0] * recovered.runs
 
 
 def materialize(model, plan: LowBitPlan) -> None:
@@ -273,6 +295,22 @@ def materialize(model, plan: LowBitPlan) -> None:
             weight.copy_(fake_quantize_weight(weight, plan.embedding.bits, "row"))
 
 
+def activations_source(plan: LowBitPlan) -> str:
+    """Where the activation quantizers come from: the checkpoint cannot tell, so say it."""
+    if plan.source == "detected":
+        return (f"assumed {ACTIVATIONS[DETECTED_ACTIVATIONS]} per token (XTC's default; a checkpoint does not record it: "
+                f"declare \"activations\" in {SIDECAR} to choose)")
+    return f"declared in {Path(plan.source).name}"
+
+
+def summarize_plan(plan: LowBitPlan) -> str:
+    """One progress line: what is low-bit and how its inputs are treated."""
+    kinds = ", ".join(sorted({f"{p.bits}-bit {p.activation}" for p in plan.linears})) or "none"
+    embedding = f"{plan.embedding.bits}-bit" if plan.embedding else "fp32"
+    line = f"low-bit ({Path(plan.source).name if plan.source != 'detected' else 'detected'}): {len(plan.linears)} Linears ({kinds}), word embeddings {embedding}"
+    return line + (f"; activations {activations_source(plan)}" if plan.linears else "")
+
+
 def describe_plan(plan: LowBitPlan) -> dict[str, Any]:
     """For the manifest: what is low-bit, how, and what stays fp32."""
     if plan.empty:
@@ -280,8 +318,9 @@ def describe_plan(plan: LowBitPlan) -> dict[str, Any]:
     return {
         "lowbit": {
             "source": Path(plan.source).name if plan.source not in ("detected", "none") else plan.source,
+            "activations_from": activations_source(plan),
             "linear": [
-                {"module": p.module, "bits": p.bits, "groups": p.groups, "activations": f"8-bit symmetric {p.activation}",
+                {"module": p.module, "bits": p.bits, "groups": p.groups, "activations": ACTIVATIONS[p.activation],
                  **({"static_scale": p.static_scale} if p.static_scale is not None else {}), "stored": p.stored}
                 for p in plan.linears
             ],

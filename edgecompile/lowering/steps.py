@@ -65,10 +65,12 @@ def lower_lowbit_integer(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     if embedding:
         passes.append(embedding)
     ir.passes.PassManager(passes + [RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), NameFixPass()])(model)
-    packed = sum(g["packed_bytes"] for g in linears.lowered)
-    fp32 = sum(g["fp32_bytes"] for g in linears.lowered)
+    lowered = linears.lowered + linears.float_activations
+    packed = sum(g["packed_bytes"] for g in lowered)
+    fp32 = sum(g["fp32_bytes"] for g in lowered)
     ctx.report["lowbit"] = {
-        "linear_groups": linears.lowered,
+        "linear_groups": linears.lowered,  # integer kernels (quantized activations)
+        **({"float_activation_linears": linears.float_activations} if linears.float_activations else {}),
         "linear_weight_bytes": {"packed": packed, "fp32": fp32, "ratio": round(fp32 / packed, 2) if packed else None},
         "word_embeddings": embedding.lowered if embedding else None,
     }

@@ -31,7 +31,7 @@ class LowerLowBitEmbedding(ir.passes.InPlacePass):
         if recovered is None:
             raise StructureError(f"{self.module}: declared low-bit, but the table is not exactly codes * alpha per row")
         tape = ir.tape.Tape()
-        decoded, scheme, packed_bytes = decode_rows(tape, recovered.codes, recovered.alpha, gather.inputs[1], self.module)
+        decoded, scheme, packed_bytes = decode_rows(tape, recovered.codes, recovered.alpha[:, 0], gather.inputs[1], self.module)
         for i, node in enumerate(tape.nodes):
             set_module(node, self.module)
             node.name = f"/{self.module.replace('.', '/')}/lowbit/{node.op_type}_{i}"

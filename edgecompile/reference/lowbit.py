@@ -7,14 +7,16 @@ parity oracle (`QuantLinear`) and, through `recover_codes`, by the graph rewrite
 - ternary: delta = 0.7 * mean|W| per group, codes = sign(W) where |W| > delta else 0,
            alpha = mean |W| over the weights above delta (0 when none is)
 - groups:  "matrix" (one alpha), "row" (one per output row), or an integer g: W.reshape(g, -1),
-           i.e. g contiguous chunks of the row-major [out, in] weight (DeepSpeed's layout). The
-           compiler supports row-aligned groups (g divides out), so every row has ONE alpha.
+           i.e. g contiguous chunks of the row-major [out, in] weight (DeepSpeed's layout). Groups
+           that cut rows (g > out) give each row several alphas, one per run of input features.
 - activations (8-bit symmetric): scale = max|x| / 128 per token ("dynamic") or a stored
   per-tensor scale ("static"); q = clamp(round(x / max(scale, FLT_TRUE_MIN)), -128, 127) with
   round half to even. The guard keeps an all-zero row at q = 0 instead of NaN; onnxruntime's
-  QuantizeLinear divides the same way, so both agree bit for bit.
+  QuantizeLinear divides the same way, so both agree bit for bit. "none": float activations,
+  y = x @ (codes * alpha)^T + bias (W1A32).
 - y = (acc * alpha) * scale + bias for dynamic (onnxruntime's MatMulIntegerToFloat order), and
-  acc * (scale * alpha) + bias for static; acc = q @ codes^T is an exact integer sum.
+  acc * (scale * alpha) + bias for static; acc = q @ codes^T is an exact integer sum. With several
+  runs per row, y = sum over runs (left to right) of that expression without bias, then + bias.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ ACTIVATION_LEVELS = 128.0  # 8-bit symmetric: max|x| maps to 128 (then clamped t
 ACTIVATION_MIN, ACTIVATION_MAX = -128.0, 127.0
 SCALE_FLOOR = float(np.finfo(np.float32).smallest_subnormal)  # FLT_TRUE_MIN, 1.4e-45
 TERNARY_THRESHOLD = 0.7
+MAX_RUNS_PER_ROW = 16  # alphas per weight row the lowering accepts (DeepSpeed groups that cut rows)
+MIN_RUN_WIDTH = 4  # input features per alpha, at least: narrower "groups" would fit any float weight
+LOWBIT_MIN_EVIDENCE = 4  # low-bit rows repeat one magnitude hundreds of times; float rows about once
 
 
 def _grouped(weight: torch.Tensor, groups: str | int) -> torch.Tensor:
@@ -83,7 +88,7 @@ def activation_scale(x: torch.Tensor, mode: str, static_scale: float | None = No
         return x.abs().amax(dim=-1, keepdim=True) / ACTIVATION_LEVELS
     if mode == "static":
         return torch.tensor(static_scale, dtype=x.dtype)
-    raise ValueError(f"unknown activation mode {mode!r}; known: dynamic, static")
+    raise ValueError(f"unknown activation mode {mode!r}; known: dynamic, static (\"none\" is not quantized)")
 
 
 def quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -110,88 +115,156 @@ def fake_quantize_activation_ste(x: torch.Tensor, mode: str = "dynamic", static_
 
 @dataclass(frozen=True)
 class RecoveredCodes:
-    """Exact decomposition W = codes * alpha_row (row-wise), as recovered from floats."""
+    """Exact decomposition W = codes * alpha, one alpha per row and run of input features.
+
+    Run r covers input features starts[r]:starts[r + 1]. One run is XTC's per-row layout; DeepSpeed
+    groups that cut rows (g contiguous chunks of the row-major weight, g > out) give several.
+    """
 
     codes: np.ndarray  # int8 [out, in] in {-1, 0, 1}
-    alpha: np.ndarray  # float32 [out]
+    alpha: np.ndarray  # float32 [out, runs]
+    starts: tuple[int, ...]  # runs + 1 offsets into the input features, from 0 to in
+
+    @property
+    def runs(self) -> int:
+        return len(self.starts) - 1
+
+    def run_slices(self) -> list[slice]:
+        return [slice(a, b) for a, b in zip(self.starts[:-1], self.starts[1:])]
 
 
-def recover_codes(weight: np.ndarray) -> RecoveredCodes | None:
-    """Recover codes and per-row alphas from `sign * alpha` floats, or None if W is not exactly that.
+def _run_starts(magnitude: np.ndarray, max_runs: int | None) -> list[int] | None:
+    """Greedy split of the input features into runs in which every row has at most one non-zero magnitude."""
+    current = np.zeros(magnitude.shape[0], np.float32)
+    starts = [0]
+    for k in range(magnitude.shape[1]):
+        column = magnitude[:, k]
+        if np.any((column != 0) & (current != 0) & (column != current)):
+            starts.append(k)
+            if max_runs is not None and len(starts) > max_runs:
+                return None
+            current = np.zeros_like(current)
+        current = np.where(column != 0, column, current)
+    return starts + [magnitude.shape[1]]
 
-    Exact by construction: alpha is taken from the stored magnitude (never recomputed as a mean),
-    and the reconstruction codes * alpha must reproduce every float bit for bit.
+
+def recover_codes(weight: np.ndarray, max_runs: int = 1, uneven: bool = False) -> RecoveredCodes | None:
+    """Recover codes and alphas from `sign * alpha` floats, or None if W is not exactly that.
+
+    Exact by construction: each alpha is a stored magnitude (never recomputed as a mean), and the
+    reconstruction codes * alpha must reproduce every float bit for bit. Runs: the fewest equal
+    chunks of each row (at most `max_runs`, each at least MIN_RUN_WIDTH wide) with one alpha per
+    row and chunk, which is DeepSpeed's
+    layout; with `uneven` (a graph whose input features were pruned), else the greedy split into
+    uneven runs. The same weight always gives the same runs, so the reference and the lowering sum
+    the same way.
     """
     w = np.asarray(weight, dtype=np.float32)
-    if w.ndim != 2:
+    if w.ndim != 2 or w.shape[1] == 0:
         return None
-    alpha = np.abs(w).max(axis=1)
+    out_features, in_features = w.shape
+    magnitude = np.abs(w)
     codes = np.sign(w).astype(np.int8)
-    # Float equality of finite non-zero values is bit equality; -0.0 decodes as +0.0 (same products).
-    if not np.array_equal(codes.astype(np.float32) * alpha[:, None], w):
+    for runs in range(1, min(max_runs, max(in_features // MIN_RUN_WIDTH, 1)) + 1):
+        if in_features % runs:
+            continue
+        chunks = magnitude.reshape(out_features, runs, -1)
+        alpha = chunks.max(axis=2)
+        # Float equality of finite non-zero values is bit equality; -0.0 decodes as +0.0 (same products).
+        if np.array_equal(codes.reshape(chunks.shape) * alpha[:, :, None], w.reshape(chunks.shape)):
+            return RecoveredCodes(codes, alpha, tuple(range(0, in_features + 1, in_features // runs)))
+    starts = _run_starts(magnitude, max_runs) if uneven else None
+    if starts is None:
         return None
-    return RecoveredCodes(codes, alpha.astype(np.float32))
+    alpha = np.stack([magnitude[:, a:b].max(axis=1) for a, b in zip(starts[:-1], starts[1:])], axis=1)
+    if not np.array_equal(codes * np.repeat(alpha, np.diff(starts), axis=1), w):
+        return None
+    return RecoveredCodes(codes, alpha, tuple(int(s) for s in starts))
+
+
+def _magnitude_segments(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Non-zero magnitudes in row-major order, cut into segments of equal consecutive values within a row.
+
+    Returns (row of each value, value, segment of each value, length of each segment).
+    """
+    w = np.abs(np.asarray(weight, dtype=np.float32))
+    rows, cols = np.nonzero(w)
+    values = w[rows, cols]
+    starts = np.ones(values.size, dtype=bool)
+    starts[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+    segment = np.cumsum(starts) - 1
+    return rows, values, segment, np.bincount(segment) if values.size else np.zeros(0, np.int64)
+
+
+def lowbit_evidence(weight: np.ndarray) -> float:
+    """How many non-zero values, on average, repeat the magnitude just before them in their row, plus one.
+
+    Binary / ternary weights keep one magnitude per row (or per run of a row): hundreds of values
+    in a row share it. Float weights almost never repeat a magnitude, however many of them are zero
+    (pruned): zeros are skipped, so sparsity cannot make a float tensor look low-bit.
+    """
+    rows, values, segment, lengths = _magnitude_segments(weight)
+    return float(values.size / lengths.size) if lengths.size else 0.0
 
 
 def describe_mismatch(weight: np.ndarray) -> tuple[int, float]:
-    """For an almost-low-bit tensor: how many values differ from the row's dominant magnitude, and by how much (relative)."""
-    w = np.abs(np.asarray(weight, dtype=np.float32))
-    off, worst = 0, 0.0
-    for row in w:
-        nonzero = row[row != 0]
-        if nonzero.size == 0:
-            continue
-        values, counts = np.unique(nonzero, return_counts=True)
-        mode = values[np.argmax(counts)]
-        bad = nonzero[nonzero != mode]
-        off += int(bad.size)
-        if bad.size:
-            worst = max(worst, float(np.max(np.abs(bad - mode)) / mode))
-    return off, worst
+    """For an almost-low-bit tensor: how many values break their run's magnitude, and by how much (relative).
 
-
-def looks_lowbit(weight: np.ndarray, share: float = 0.5) -> bool:
-    """True when, in every row, the upper-quartile magnitude alone covers `share` of the non-zero values.
-
-    Exactly low-bit rows (even ternary ones, which are under half zeros) pass; ordinary float
-    weights, where almost every magnitude is distinct, fail at the first row. O(n log n).
+    A value is off when it is not part of a segment of at least LOWBIT_MIN_EVIDENCE equal
+    magnitudes; it is compared with the nearest such segment in its row.
     """
-    w = np.abs(np.asarray(weight, dtype=np.float32))
-    if w.ndim != 2 or w.size == 0:
-        return False
-    typical = np.sort(w, axis=1)[:, (3 * w.shape[1]) // 4][:, None]
-    nonzero = np.maximum((w != 0).sum(axis=1), 1)
-    return bool(np.all((w == typical).sum(axis=1) >= share * nonzero))
+    rows, values, segment, lengths = _magnitude_segments(weight)
+    if not values.size:
+        return 0, 0.0
+    index = np.arange(values.size)
+    dominant = lengths[segment] >= LOWBIT_MIN_EVIDENCE
+    before = np.maximum.accumulate(np.where(dominant, index, -1))
+    after = np.minimum.accumulate(np.where(dominant, index, values.size)[::-1])[::-1]
+    before_ok = (before >= 0) & (rows[np.clip(before, 0, None)] == rows)
+    after_ok = (after < values.size) & (rows[np.clip(after, None, values.size - 1)] == rows)
+    reference = np.where(before_ok, before, np.where(after_ok, after, -1))
+    off = ~dominant
+    compared = off & (reference >= 0)
+    ref_values = values[reference[compared]]
+    worst = float(np.max(np.abs(values[compared] - ref_values) / ref_values)) if compared.any() else 0.0
+    return int(off.sum()), worst
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is exactly codes * alpha_row, with its input quantized to 8 bits.
+    """A Linear whose weight is exactly codes * alpha (per row, or per row and run), with its input
+    quantized to 8 bits ("dynamic" / "static") or left in float ("none").
 
     Wraps the original nn.Linear (whose weight must already be `fake_quantize_weight(...)`), so
     exporting the unwrapped model gives the float weights the graph rewrites recover codes from.
+    With several runs per row, each run's integer sum is rescaled by its alpha on its own and the
+    runs are added left to right, as the lowered graph does.
     """
 
     def __init__(self, linear: nn.Linear, mode: str, static_scale: float | None = None) -> None:
         super().__init__()
-        recovered = recover_codes(linear.weight.detach().numpy())
+        recovered = recover_codes(linear.weight.detach().numpy(), MAX_RUNS_PER_ROW, uneven=True)
         if recovered is None:
-            raise ValueError("QuantLinear needs a weight that is exactly codes * alpha per row")
+            raise ValueError(f"QuantLinear needs a weight that is exactly codes * alpha per row (or per run, at most {MAX_RUNS_PER_ROW} per row)")
         self.linear = linear
         self.mode = mode
         self.static_scale = static_scale
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.runs = recovered.run_slices()
         self.register_buffer("codes", torch.from_numpy(recovered.codes.astype(np.float32)))
         self.register_buffer("alpha", torch.from_numpy(recovered.alpha))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":  # float activations: the weight is codes * alpha already
+            return self.linear(x)
         scale = activation_scale(x, self.mode, self.static_scale)
         q = quantize_activation(x, scale)
-        acc = q @ self.codes.T  # exact: integers below 2**24
+        y = None
+        for r, run in enumerate(self.runs):
+            acc = q[..., run] @ self.codes[:, run].T  # exact: integers below 2**24
+            alpha = self.alpha[:, r]
+            part = (acc * alpha) * scale if self.mode == "dynamic" else acc * (scale * alpha)
+            y = part if y is None else y + part
         bias = self.linear.bias
-        if self.mode == "dynamic":
-            y = (acc * self.alpha) * scale
-        else:
-            y = acc * (scale * self.alpha)
         return y + bias if bias is not None else y
 
 
