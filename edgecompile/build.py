@@ -9,6 +9,7 @@ then per target: lower_for_target (lowering/steps.py), write, parity; finally th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,28 +115,36 @@ def _check_vocab(spec: StudentSpec, tokenizer, source: Path) -> None:
         raise input_error(source, "tokenizer vocabulary", f"at most the model's vocab_size {vocab}", len(tokenizer))
 
 
-def load_models(inputs: ValidatedInputs) -> LoadedModels:
-    import torch
-
+def load_router(inputs: ValidatedInputs) -> tuple[Any, Any, int, list[Encoded]]:
+    """The router module (encoder + centroids), its tokenizer, max length and the encoded samples."""
     from edgecompile.reference.router import RouterModule
     from edgecompile.reference.student import load_student_module
 
-    torch.manual_seed(0)
     masks = inputs.masks
-    student = load_student_module(inputs.student)
-    lowbit = resolve_plan(inputs.student, inputs.lowbit_sidecar, student.model)
-    materialize(student.model, lowbit)
     router = RouterModule(
         load_student_module(inputs.router), masks.centroids, masks.metric, masks.projection_weight, masks.projection_bias
     ).eval()
+    tokenizer = load_tokenizer(inputs.router.transformer_dir)
+    _check_vocab(inputs.router, tokenizer, inputs.router.transformer_dir)
+    max_length = _max_length(inputs.router, tokenizer)
+    return router, tokenizer, max_length, encode(tokenizer, inputs.samples.texts, max_length)
+
+
+def load_models(inputs: ValidatedInputs) -> LoadedModels:
+    import torch
+
+    from edgecompile.reference.student import load_student_module
+
+    torch.manual_seed(0)
+    student = load_student_module(inputs.student)
+    lowbit = resolve_plan(inputs.student, inputs.lowbit_sidecar, student.model)
+    materialize(student.model, lowbit)
+    router, _, router_max, router_samples = load_router(inputs)
     tokenizer_spec = inputs.student if inputs.student.tokenizer_files() else inputs.router
     student_tokenizer = load_tokenizer(tokenizer_spec.transformer_dir)
-    router_tokenizer = load_tokenizer(inputs.router.transformer_dir)
     _check_vocab(inputs.student, student_tokenizer, tokenizer_spec.transformer_dir)
-    _check_vocab(inputs.router, router_tokenizer, inputs.router.transformer_dir)
-    student_max, router_max = _max_length(inputs.student, student_tokenizer), _max_length(inputs.router, router_tokenizer)
+    student_max = _max_length(inputs.student, student_tokenizer)
     student_samples = encode(student_tokenizer, inputs.samples.texts, student_max)
-    router_samples = encode(router_tokenizer, inputs.samples.texts, router_max)
     from edgecompile.check.parity import check_fits
 
     for target in inputs.targets:  # fail before any export, with the samples file's line numbers
@@ -194,14 +203,9 @@ def _all_kept(template: ClusterMasks) -> ClusterMasks:
 
 
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
-    from edgecompile.bundle.staging import Staging
-    from edgecompile.bundle.store import (
-        REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, file_table, save_reference, write_json, write_tokenizers,
-    )
     from edgecompile.lowering.steps import GraphLowBit
     from edgecompile.bundle.manifest import build_manifest
     from edgecompile.lowering.target_build import build_target
-    from edgecompile.check.parity import parity_json, parity_markdown, parity_table
     from edgecompile.families.bert import bert_gates
     from edgecompile.reference.evaluate import cluster_outputs, router_outputs
     from edgecompile.check.integer_parity import check_integer_linears
@@ -216,6 +220,10 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             f"hidden {spec.hidden_size}; {masks.num_clusters} clusters, metric {masks.metric}, masks {masks.kind}; "
             f"{len(inputs.samples.texts)} samples ({inputs.samples.source}); targets {', '.join(t.name for t in inputs.targets)}"
         )
+    if spec.is_decoder:
+        from edgecompile.build_decoder import build_decoder
+
+        return build_decoder(request, inputs, progress)
     with progress.step("loading models and tokenizers"):
         models = load_models(inputs)
     compiled = compile_graphs(inputs, models, progress)
@@ -242,6 +250,26 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
                                           spec.head_size, models.student_samples, request.threads)
                     for name, g in groups.items()]
 
+    def build_one(target: Target, root: Path):
+        return build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check, request.threads, progress)
+
+    def manifest_of(target_entries, graph_bytes, files, tokenizers, reference_files):
+        return build_manifest(inputs, models, compiled, target_entries, graph_bytes, files, tokenizers, reference_files)
+
+    return publish(request, inputs, progress, build_one, reference, models.student_tokenizer_spec.tokenizer_files(), manifest_of)
+
+
+def publish(request: BuildRequest, inputs: ValidatedInputs, progress: Progress,
+            build_one: Callable[[Target, Path], Any], reference: dict[str, Any], student_tokenizer_files: tuple[Path, ...],
+            manifest_of: Callable[..., dict[str, Any]]) -> BuildResult:
+    """Stage the bundle, build every target into it (`build_one` -> TargetOutcome), gate on parity, write the
+    tokenizers, reference outputs, reports and manifest, commit. Shared by encoder and decoder builds."""
+    from edgecompile.bundle.staging import Staging
+    from edgecompile.bundle.store import (
+        REFERENCE_OUTPUTS, REFERENCE_SAMPLES, STUDENT_TOKENIZER, file_table, save_reference, write_json, write_tokenizers,
+    )
+    from edgecompile.check.parity import parity_json, parity_markdown, parity_table
+
     with Staging(Path(request.out), request.force) as staging:
         root = staging.root
         for folder in staging.removed_stale:
@@ -249,8 +277,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         results, target_entries, graph_bytes = [], {}, {}
         try:
             for target in inputs.targets:
-                outcome = build_target(target, root, compiled.graphs, models, reference, graph_lowbit, integer_check,
-                                       request.threads, progress)
+                outcome = build_one(target, root)
                 results.append(outcome.parity)
                 target_entries[target.name] = outcome.entry
                 graph_bytes[target.name] = outcome.graph_bytes
@@ -266,15 +293,13 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             raise
 
         with progress.step("writing tokenizers, reference outputs, reports and manifest"):
-            router_tokenizer = write_tokenizers(root, models.student_tokenizer_spec.tokenizer_files(), inputs.router.tokenizer_files())
+            router_tokenizer = write_tokenizers(root, student_tokenizer_files, inputs.router.tokenizer_files())
             save_reference(root, inputs.samples.texts, reference)
             write_json(root / "parity.json", parity_json(results, {t.name: t for t in inputs.targets}))
             (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
-            manifest = build_manifest(
-                inputs, models, compiled, target_entries, graph_bytes, file_table(root),
-                tokenizers={"student": STUDENT_TOKENIZER, "router": router_tokenizer},
-                reference={"outputs": REFERENCE_OUTPUTS, "samples": REFERENCE_SAMPLES},
-            )
+            manifest = manifest_of(target_entries, graph_bytes, file_table(root),
+                                   {"student": STUDENT_TOKENIZER, "router": router_tokenizer},
+                                   {"outputs": REFERENCE_OUTPUTS, "samples": REFERENCE_SAMPLES})
             write_json(root / "manifest.json", manifest)
         staging.commit()
     return BuildResult(Path(request.out), True, table, manifest, dict(progress.timings))

@@ -91,19 +91,33 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("bundle_dir", type=_existing())
-@click.option("--text", required=True, help="The input to route and run.")
+@click.option("--text", default=None, help="Encoder bundles: the input to route and run.")
+@click.option("--prompt", default=None, help="Decoder bundles: the prompt to route and continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Decoder bundles: tokens to generate.")
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
-def run(bundle_dir: Path, text: str, target: str | None, threads: int) -> None:
+def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: int, target: str | None, threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON.
 
-    A text longer than a model's max_seq_length is cut to it, as an app would; the JSON's `truncated`
-    and a warning on stderr say so.
+    Encoder bundles take --text and print the cluster's outputs; a text longer than a model's
+    max_seq_length is cut to it, as an app would, and the JSON's `truncated` and a warning on stderr
+    say so. Decoder bundles take --prompt and print the greedily generated tokens, prefill ms and
+    decode ms per token.
     """
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.infer import route_and_run, truncation_warning
 
-    result = route_and_run(load_bundle(bundle_dir), text, target, threads)
+    bundle = load_bundle(bundle_dir)
+    decoder = bundle.manifest["student"].get("task") == "causal-lm"
+    given, needed = ("--prompt", "--text") if decoder else ("--text", "--prompt")
+    if (prompt if decoder else text) is None or (text if decoder else prompt) is not None:
+        raise click.UsageError(f"this is {'a decoder' if decoder else 'an encoder'} bundle: give {given} (not {needed})")
+    if decoder:
+        from edgecompile.serve.generate import route_and_generate
+
+        click.echo(json.dumps(route_and_generate(bundle, prompt, max_new_tokens, target, threads)))
+        return
+    result = route_and_run(bundle, text, target, threads)
     if warning := truncation_warning(result):
         click.echo(f"warning: {warning}", err=True)
     click.echo(json.dumps(result))

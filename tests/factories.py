@@ -148,3 +148,64 @@ def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddi
         tensors[name] = quantized.reshape(weight.shape).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
     return directory
+
+
+def write_bpe_tokenizer(directory: Path, vocab_size: int = 320) -> int:
+    """A byte-level BPE (GPT-2 / Llama-3 style) trained offline on the built-in samples, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(list(BUILTIN_SAMPLES) * 3, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(directory))
+    return len(fast)
+
+
+def make_llama(
+    directory: Path,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    tied: bool = False,
+    rope: dict | None = None,
+    max_positions: int = 256,
+    fresh_init: bool = False,
+    config_overrides: dict | None = None,
+) -> Path:
+    """A tiny random-weight LlamaForCausalLM (grouped-query attention) with a BPE tokenizer, saved by transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = Path(directory)
+    vocab_size = write_bpe_tokenizer(directory)
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=tied,
+    )
+    if rope is not None:
+        import transformers
+
+        if int(transformers.__version__.split(".")[0]) >= 5:
+            kwargs["rope_parameters"] = rope
+        else:
+            kwargs["rope_theta"] = rope.get("rope_theta", 10000.0)
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            kwargs["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    kwargs.update(config_overrides or {})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    if not fresh_init:
+        _randomize(model, seed)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory

@@ -64,13 +64,13 @@ def test_corrupt_safetensors(build, good, tmp_path, st_student):
 
 
 def test_unsupported_architecture(build, good, tmp_path, bert_student):
-    student = tmp_path / "llama"
+    student = tmp_path / "gpt2"
     shutil.copytree(bert_student, student)
     config = json.loads((student / "config.json").read_text())
-    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (student / "config.json").write_text(json.dumps(config))
-    line = assert_one_line_error(build(good, student=student), "config.json", "'llama'", "LlamaForCausalLM", "supported: BertModel")
-    assert "BertForSequenceClassification" in line and "sentence-transformers" in line
+    line = assert_one_line_error(build(good, student=student), "config.json", "'gpt2'", "GPT2LMHeadModel", "supported: BertModel")
+    assert "BertForSequenceClassification" in line and "sentence-transformers" in line and "LlamaForCausalLM" in line
     config.update(model_type="bert", architectures=["BertForMaskedLM"])
     (student / "config.json").write_text(json.dumps(config))
     assert_one_line_error(build(good, student=student), "'BertForMaskedLM' is not supported")

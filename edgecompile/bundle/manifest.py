@@ -26,7 +26,8 @@ def tool_versions() -> dict[str, str]:
 def graph_files(files: dict[str, dict[str, Any]], entry: dict[str, Any], target: str, graph: str) -> dict[str, str]:
     """The files one graph needs on a target, with their sha256."""
     own = entry["graphs"][graph]["file"]
-    names = [own] + ([f"{target}/{WEIGHTS}"] if own.endswith(".onnx") and f"{target}/{WEIGHTS}" in files else [])
+    weights = f"{own.rsplit('/', 1)[0]}/{WEIGHTS}"  # shared weights live beside the graph
+    names = [own] + ([weights] if own.endswith(".onnx") and weights in files else [])
     return {name: files[name]["sha256"] for name in names}
 
 
@@ -43,7 +44,7 @@ def build_manifest(
     from edgecompile.families.bert import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
-    spec, router, masks = inputs.student, inputs.router, inputs.masks
+    spec, masks = inputs.student, inputs.masks
     targets = list(target_entries)
     def lowbit(graph: str) -> dict[str, Any]:
         reports = {t: target_entries[t]["lowering"][graph]["lowbit"] for t in targets
@@ -74,22 +75,81 @@ def build_manifest(
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": {
-            "name": router.path.name,
-            "weights_sha256": sha256_file(router.transformer_dir / "model.safetensors"),
-            "pooling": router.pooling_mode, "normalize": router.normalize,
-            "projection": None if masks.projection_weight is None else list(masks.projection_weight.shape),
-            "metric": masks.metric,
-            "clusters": masks.num_clusters,
-            "max_seq_length": models.router_max_length,
-            "vocab_size": int(router.config["vocab_size"]),
-            "tokenizer": tokenizers["router"],
-            "tie_break": "lowest cluster id",
-        },
+        "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "dense": dense,
         "clusters": clusters,
+        "targets": target_entries,
+        "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
+        "files": files,
+    }
+
+
+def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, Any]:
+    router, masks = inputs.router, inputs.masks
+    return {
+        "name": router.path.name,
+        "weights_sha256": sha256_file(router.transformer_dir / "model.safetensors"),
+        "pooling": router.pooling_mode, "normalize": router.normalize,
+        "projection": None if masks.projection_weight is None else list(masks.projection_weight.shape),
+        "metric": masks.metric,
+        "clusters": masks.num_clusters,
+        "max_seq_length": max_length,
+        "vocab_size": int(router.config["vocab_size"]),
+        "tokenizer": tokenizer,
+        "tie_break": "lowest cluster id",
+    }
+
+
+def build_decoder_manifest(
+    inputs: Any,
+    models: Any,
+    entries: list[dict[str, Any]],
+    target_entries: dict[str, dict[str, Any]],
+    graph_bytes: dict[str, dict[str, int]],
+    files: dict[str, dict[str, Any]],
+    tokenizers: dict[str, str],
+    reference: dict[str, str],
+    new_tokens: int,
+) -> dict[str, Any]:
+    """The manifest of a decoder bundle: as an encoder's, plus per graph its KV cache and onnxruntime-genai folder."""
+    from edgecompile.families.llama import OPSET
+
+    spec, masks, dims = inputs.student, inputs.masks, models.dims
+    targets = list(target_entries)
+
+    def with_files(entry: dict[str, Any]) -> dict[str, Any]:
+        graph = entry["graph"]
+        needed = {t: graph_files(files, target_entries[t], t, graph) for t in targets}
+        return dict(entry, files=needed, bytes={t: graph_bytes[t][graph] for t in targets})
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "tool": tool_versions(),
+        "export_opset": OPSET,
+        "student": {
+            "name": spec.path.name,
+            "family": spec.family,
+            "architecture": spec.architecture,
+            "task": "causal-lm",
+            "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
+            "layers": dims.layers, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_size": dims.head_dim,
+            "hidden_size": dims.hidden, "intermediate_size": dims.intermediate,
+            "rope": dims.rope,
+            "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+            "max_seq_length": dims.max_positions,
+            "vocab_size": dims.vocab,
+            "eos_token_ids": sorted(models.eos),
+            "tokenizer": tokenizers["student"],
+            "precision": "fp32",
+        },
+        "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
+        "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
+        "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
+        "generation": {"parity_new_tokens": new_tokens, "decoding": "greedy", "stops_on": "eos_token_ids or the token budget"},
+        "dense": with_files(entries[0]),
+        "clusters": [with_files(entry) for entry in entries[1:]],
         "targets": target_entries,
         "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
         "files": files,

@@ -22,7 +22,8 @@ def bundle_summary(bundle: Bundle) -> str:
     lines = [
         f"bundle   {bundle.root}  ({m['schema']}; edgecompile {tool['edgecompile']}, onnx {tool['onnx']}, "
         f"onnxruntime {tool['onnxruntime']}, exported at opset {m['export_opset']})",
-        f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads, "
+        f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads"
+        f"{' (%d KV heads)' % s['kv_heads'] if 'kv_heads' in s else ''}, "
         f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
         f"router   {r['name']}: {r['pooling']} pooling{', normalized' if r['normalize'] else ''}"
         f"{', projection ' + 'x'.join(map(str, r['projection'])) if r['projection'] else ''}; "
@@ -59,31 +60,44 @@ def bundle_summary(bundle: Bundle) -> str:
         lines.append("         (parity.json unreadable)")
 
     d = m["dense"]
+    decoder = s.get("task") == "causal-lm"
+    macs_key = "linear" if decoder else "total"  # decoders: weight MACs per decoded token, lm_head included
     targets = list(m["targets"])
     layers = s["layers"]
     columns = ["graph", "attention", "ffn", "heads", "neurons", "params", "MMACs/tok", "vs dense"] + [f"MB {t}" for t in targets]
     rows = [[
         "dense", f"{layers}/{layers}", f"{layers}/{layers}", str(layers * s["heads"]), str(layers * s["intermediate_size"]),
-        _millions(d["parameters"]), f"{d['macs_per_token']['total'] / 1e6:.2f}", "1.00",
+        _millions(d["parameters"]), f"{d['macs_per_token'][macs_key] / 1e6:.2f}", "1.00",
     ] + [f"{d['bytes'][t] / 1e6:.1f}" for t in targets]]
     for c in m["clusters"]:
         k = c["kept"]
         rows.append([
             f"cluster {c['id']}", f"{k['attention_blocks_kept']}/{layers}", f"{k['ffn_blocks_kept']}/{layers}",
             str(k["heads_kept"]), str(k["neurons_kept"]), _millions(c["parameters"]),
-            f"{c['macs_per_token']['total'] / 1e6:.2f}", f"{c['macs_ratio_vs_dense']:.2f}",
+            f"{c['macs_per_token'][macs_key] / 1e6:.2f}", f"{c['macs_ratio_vs_dense']:.2f}",
         ] + [f"{c['bytes'][t] / 1e6:.1f}" for t in targets])
     widths = [max(len(row[i]) for row in rows + [columns]) for i in range(len(columns))]
     lines.append("")
     for row in [columns] + rows:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     lines.append("")
-    lines.append(f"MACs per token at sequence {d['macs_per_token']['sequence']}; MB = the graph's .onnx plus the tensors it reads (what it weighs shipped alone).")
+    if decoder:
+        lines.append("MMACs/tok = weight MACs per decoded token (projections and lm_head); MB = the folder's model.onnx plus the "
+                     "tensors it reads (what it weighs shipped alone; the folders share one hard-linked weights file).")
+    else:
+        lines.append(f"MACs per token at sequence {d['macs_per_token']['sequence']}; MB = the graph's .onnx plus the tensors it reads (what it weighs shipped alone).")
     for c in m["clusters"]:
         k = c["kept"]
         removed_attention = [layer["layer"] for layer in k["layers"] if not layer["attention"]]
         removed_ffn = [layer["layer"] for layer in k["layers"] if not layer["ffn"]]
         soft = [layer["layer"] for layer in k["layers"] if any(x in layer for x in ("attention_scale", "ffn_scale", "soft_heads", "soft_neurons"))]
+        if decoder:
+            kv = " ".join(f"{e['layer']}:{e['shape'][1]}" for e in c["kv_cache"]) or "none"
+            zeroed = sum(len(layer["heads_zeroed"]) for layer in k["layers"])
+            lines.append(f"cluster {c['id']}: attention removed in layers {_layers(removed_attention)}; FFN removed in layers "
+                         f"{_layers(removed_ffn)}; KV cache (layer:heads) {kv}; {zeroed} query heads computed with gate 0 "
+                         "(their KV group stays)")
+            continue
         lines.append(
             f"cluster {c['id']}: attention removed in layers {_layers(removed_attention)}; FFN removed in layers "
             f"{_layers(removed_ffn)}; no matmuls left in layers {_layers(k['layers_without_compute'])}; soft gates folded in layers {_layers(soft)}"

@@ -97,6 +97,8 @@ def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int
     texts = read_samples(bundle)
     reference = load_reference(bundle)
     check_reference(bundle, reference, len(texts), {name: list(entry["graphs"]) for name, entry in entries.items()})
+    if bundle.manifest["student"].get("task") == "causal-lm":
+        return verify_decoder(bundle, reference, texts, entries, definitions, threads, progress)
     student_samples, router_samples = encoded_samples(bundle, texts, "student"), encoded_samples(bundle, texts, "router")
     results = []
     for name, entry in entries.items():
@@ -111,4 +113,26 @@ def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int
                               f"outputs ({type(exc).__name__}: {one_line(exc)})") from None
     if not results or not any(r.rows for r in results):
         raise BundleError(f"{bundle.root}: manifest.json: targets: expected at least one target with graphs, found none")
+    return results
+
+
+def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[str], entries: dict, definitions: dict,
+                   threads: int, progress=None) -> list[TargetParity]:
+    """Decoder bundles: prefill logits and greedy tokens (onnxruntime and onnxruntime-genai) against the stored reference."""
+    from edgecompile.check.decoder_parity import check_decoder_target
+
+    student = bundle.manifest["student"]
+    tokenizer = bundle.tokenizer("student")
+    prompts = [list(tokenizer(text)["input_ids"]) for text in texts]
+    router_samples = encoded_samples(bundle, texts, "router")
+    results = []
+    for name, entry in entries.items():
+        try:
+            results.append(check_decoder_target(
+                definitions[name], bundle.file(name), list(entry["graphs"]), reference, prompts, router_samples,
+                frozenset(student["eos_token_ids"]), int(bundle.manifest["generation"]["parity_new_tokens"]), threads, progress,
+            ))
+        except (InputError, KeyError, IndexError, ValueError, TypeError) as exc:  # the bundle's data disagree with its graphs
+            raise BundleError(f"{bundle.root}: target '{name}': the decoder graphs do not fit the stored samples and "
+                              f"reference outputs ({type(exc).__name__}: {one_line(exc)})") from None
     return results

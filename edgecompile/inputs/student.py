@@ -11,9 +11,12 @@ from edgecompile.errors import InputError, input_error, one_line
 
 SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
 SUPPORTED_DESCRIPTION = (
-    "BertModel, BertForSequenceClassification, or a sentence-transformers folder whose first module is a BERT"
+    "BertModel, BertForSequenceClassification, a sentence-transformers folder whose first module is a BERT, "
+    "or LlamaForCausalLM"
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json")
+DECODER_FAMILIES = ("llama",)  # model_type values compiled as decoder language models (families/llama.py)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -50,7 +53,16 @@ class StudentSpec:
 
     @property
     def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
+        return int(self.config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (grouped-query attention); as many as query heads in BERT."""
+        return int(self.config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family in DECODER_FAMILIES
 
     @property
     def embedding_dim(self) -> int:
@@ -184,6 +196,13 @@ def load_student(path: Path, *, role: str = "student") -> StudentSpec:
         return _load_sentence_transformers(path)
     config_path = path / "config.json"
     config = _read_json(config_path)
+    if isinstance(config, dict) and config.get("model_type") in DECODER_FAMILIES:
+        from edgecompile.families.llama import check_config
+
+        architecture = check_config(config_path, config)
+        _check_weights(path)
+        return StudentSpec(path, config["model_type"], architecture, path, config,
+                           max_seq_length=int(config.get("max_position_embeddings", 2048)))
     architecture = _check_bert_config(config_path, config, SUPPORTED_ARCHITECTURES)
     names = _check_weights(path)
     if architecture == "BertForSequenceClassification":

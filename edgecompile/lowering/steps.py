@@ -104,6 +104,28 @@ def fuse_attention(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     return model
 
 
+def pack_qkv(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Decoders: q/k/v projections -> one MatMul feeding GroupQueryAttention packed (as onnxruntime-genai's builder)."""
+    from edgecompile.passes.pack_qkv import PackQkv
+
+    pack = PackQkv()
+    ir.passes.PassManager([pack, RemoveUnusedNodesPass()])(model)
+    if pack.packed:
+        ctx.report["packed_qkv"] = len(pack.packed)
+    return model
+
+
+def fuse_skip_norm(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Decoders: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization (onnxruntime leaves this pair unfused)."""
+    from edgecompile.passes.fuse_skip_norm import FuseSkipNorm
+
+    fuse = FuseSkipNorm()
+    ir.passes.PassManager([fuse, RemoveUnusedNodesPass()])(model)
+    if fuse.fused:
+        ctx.report["fused_skip_norm"] = fuse.fused
+    return model
+
+
 def fix_shapes(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     from edgecompile.passes.fix_shapes import FixBatchAndSequence
 
@@ -140,6 +162,8 @@ def quantize_qdq(model: ir.Model, ctx: LoweringContext) -> ir.Model:
 STEPS: dict[str, Callable[[ir.Model, LoweringContext], ir.Model]] = {
     "lower_lowbit_integer": lower_lowbit_integer,
     "fuse_attention": fuse_attention,
+    "pack_qkv": pack_qkv,
+    "fuse_skip_norm": fuse_skip_norm,
     "lowbit_weights_to_dequantize": lowbit_weights_to_dequantize,
     "fix_shapes": fix_shapes,
     "qnn_preprocess": qnn_preprocess,

@@ -102,5 +102,5 @@ def keep_units(graph: ir.Graph, branch: BranchSites, gates: np.ndarray, keep_wei
     scales = np.repeat(unit_gates[kept], branch.unit_size).astype(np.float32)
     scale_linear_input(graph, branch.down, branch.down.weight_array()[columns, :], scales, keep_weights)
     if branch.on_resize is not None:
-        branch.on_resize(int(kept.size), int(kept_groups.size))
+        branch.on_resize(kept, kept_groups)
     return int(kept.size), int(kept_groups.size)

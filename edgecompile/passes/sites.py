@@ -62,8 +62,8 @@ class BranchSites:
     is the group of unit u: a group is one key/value head under grouped-query attention, sliced from
     `group_ups`, and it is removed from the graph only when every unit in it is removed. Without
     groups every unit is its own group. `state_inputs` / `state_outputs` are graph inputs and
-    outputs that live and die with the branch (a decoder layer's KV cache). `on_resize(units,
-    groups)` tells the family's attention op its new head counts.
+    outputs that live and die with the branch (a decoder layer's KV cache). `on_resize(kept_units,
+    kept_groups)` (positions among the graph's units and groups) lets the family's attention op follow.
     """
 
     residual_add: ir.Node
@@ -75,7 +75,7 @@ class BranchSites:
     group_ups: list[LinearSite] = field(default_factory=list)
     state_inputs: list[ir.Value] = field(default_factory=list)
     state_outputs: list[ir.Value] = field(default_factory=list)
-    on_resize: Callable[[int, int], None] | None = None
+    on_resize: Callable[[np.ndarray, np.ndarray], None] | None = None
 
     @property
     def num_units(self) -> int:

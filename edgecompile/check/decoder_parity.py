@@ -1,0 +1,55 @@
+"""Parity of a decoder target folder, on exactly the files that ship (used by `build` and `verify`).
+
+Per graph and prompt: prefill logits against the PyTorch reference (the target's tolerances), and
+greedy tokens through `edgecompile run`'s onnxruntime loop and through onnxruntime-genai loading the
+folder, which must be identical to the reference's. The router is checked as for encoders, and the
+end-to-end row decodes each prompt with the cluster the ONNX router picked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompile.bundle.decoder_folders import DECODER_FOLDER
+from edgecompile.check.generation import compare_tokens, genai_greedy, genai_model
+from edgecompile.check.parity import TargetParity, compare, compare_router, run_graph
+from edgecompile.serve.generate import empty_cache, greedy
+from edgecompile.serve.runtime import create_session
+
+
+def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference: dict[str, Any], prompts: list[list[int]],
+                         router_samples: list, eos: frozenset[int], new_tokens: int, threads: int = 0,
+                         progress=None) -> TargetParity:
+    """Parity of one decoder target folder, on exactly the files that ship."""
+    rows = []
+    tokens_ort: dict[str, list[list[int]]] = {}
+    for graph in graphs:
+        if progress:
+            progress(graph)
+        if graph == "router":
+            onnx_router = run_graph(folder / "router.onnx", target, router_samples, threads)
+            rows += compare_router(target, reference["router"], onnx_router)
+            continue
+        session = create_session(folder / DECODER_FOLDER / f"{graph}.onnx", target, threads)
+        prefill = []
+        for prompt in prompts:
+            ids = np.array([prompt], np.int64)
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)}
+            prefill.append(session.run(["logits"], feed)[0][0])
+        rows.append(compare(target, graph, "prefill_logits", reference[graph]["prefill_logits"], prefill))
+        refs = [list(map(int, t)) for t in reference[graph]["greedy_tokens"]]
+        tokens_ort[graph] = [greedy(session, p, new_tokens, eos).tokens for p in prompts]
+        rows.append(compare_tokens(target.name, graph, "onnxruntime", refs, tokens_ort[graph]))
+        model = genai_model(folder / DECODER_FOLDER, graph)
+        rows.append(compare_tokens(target.name, graph, "onnxruntime-genai", refs,
+                                   [genai_greedy(model, p, new_tokens) for p in prompts]))
+    if "router" in graphs:
+        picked_ref = [int(x.reshape(-1)[0]) for x in reference["router"]["cluster_id"]]
+        picked = [int(x.reshape(-1)[0]) for x in onnx_router["cluster_id"]]
+        refs = [list(map(int, reference[f"cluster_{k}"]["greedy_tokens"][s])) for s, k in enumerate(picked_ref)]
+        gots = [tokens_ort[f"cluster_{k}"][s] for s, k in enumerate(picked)]
+        rows.append(compare_tokens(target.name, "end-to-end", "routed, onnxruntime", refs, gots))
+    return TargetParity(target.name, rows)

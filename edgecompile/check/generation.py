@@ -1,0 +1,80 @@
+"""Generation parity for decoders: greedy tokens from PyTorch (masks applied), onnxruntime and onnxruntime-genai.
+
+The reference is transformers' own model with the cluster's gates installed, decoding greedily with
+its KV cache; `edgecompile run`'s loop (serve/generate.py) and onnxruntime-genai's generator run the
+shipped folder. All three stop after `max_new_tokens` or on an end-of-sequence token (kept).
+A build passes only when every sample's tokens are identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgecompile.check.parity import Comparison
+from edgecompile.errors import EnvironmentProblem
+
+
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_ids: frozenset[int]) -> tuple[np.ndarray, list[int]]:
+    """(prefill logits [S, V], generated tokens) from a transformers causal LM, one sample, no padding."""
+    import torch
+
+    from edgecompile.reference.evaluate import single_thread
+
+    tokens: list[int] = []
+    with torch.no_grad(), single_thread():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        prefill = out.logits[0].numpy().copy()
+        logits, cache = out.logits, out.past_key_values
+        while len(tokens) < max_new_tokens:
+            token = int(torch.argmax(logits[0, -1]))
+            tokens.append(token)
+            if token in eos_token_ids:
+                break
+            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            logits, cache = out.logits, out.past_key_values
+    return prefill, tokens
+
+
+def genai_model(folder: Path, graph: str):
+    """onnxruntime-genai's model for one graph of a decoder folder, loaded as an app loads it."""
+    from edgecompile.bundle.decoder_folders import overlay
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise EnvironmentProblem("onnxruntime-genai is needed to check decoder bundles; install it with: "
+                                 "pip install onnxruntime-genai") from None
+    config = og.Config(str(folder))
+    config.overlay(overlay(graph))
+    return og.Model(config)
+
+
+def genai_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """onnxruntime-genai's generator, greedy, on token ids."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False, min_length=0)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], np.int32))
+    tokens: list[int] = []
+    while not generator.is_done() and len(tokens) < max_new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def compare_tokens(target: str, graph: str, runner: str, refs: list[list[int]], gots: list[list[int]]) -> Comparison:
+    """One row: the share of samples whose generated tokens are identical (must be 1)."""
+    same = [r == g for r, g in zip(refs, gots)]
+    agreement = float(np.mean(same)) if same else 1.0
+    worst = same.index(False) if False in same else 0
+    row = Comparison(target, graph, f"greedy tokens ({runner})", len(refs), None, None, None, agreement, worst)
+    if agreement < 1.0:
+        ref, got = refs[worst], gots[worst]
+        step = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        row.failures.append(f"{len(same) - sum(same)} sample(s) differ; sample {worst} first at new token {step}: "
+                            f"expected {ref[step:step + 3]}, found {got[step:step + 3]}")
+    return row

@@ -1,0 +1,339 @@
+"""Decoder language models (families/llama.py): the graph against transformers' own LlamaForCausalLM,
+cluster rewrites against the gated reference, and `edgecompile build` / `run` end to end with
+onnxruntime-genai loading the shipped folders unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from factories import make_bert, make_llama, write_masks
+from test_bad_inputs import assert_one_line_error
+from edgecompile.families.llama import LlamaDims, LlamaStructure, export_decoder, gated_linears, load_reference, load_weights
+from edgecompile.inputs.masks import ClusterMasks
+from edgecompile.passes.pipeline import build_cluster_graph
+from edgecompile.reference.masks import ModelGates
+from edgecompile.serve.generate import empty_cache, greedy
+
+TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 4, 4, 2, 128
+PROMPTS = ["How do I reset my password?", "Paris is the capital of France.", "Ok"]
+
+
+@pytest.fixture(scope="session")
+def llama(models_dir):
+    return make_llama(models_dir / "llama", seed=5)
+
+
+@pytest.fixture(scope="session")
+def llama_router(models_dir):
+    return make_bert(models_dir / "llama_router", family="st", seed=6, hidden=24, heads=2, intermediate=48)
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    return path
+
+
+def loaded(path):
+    dims = LlamaDims.from_config(json.loads((path / "config.json").read_text()))
+    return dims, load_weights(path / "model.safetensors", dims), load_reference(path)
+
+
+def session_of(model: ir.Model) -> ort.InferenceSession:
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def prefill(session: ort.InferenceSession, ids: list[int]) -> np.ndarray:
+    x = np.array([ids], np.int64)
+    return session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)})[0][0]
+
+
+def reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def cluster(blocks=None, heads=None, neurons=None, index=0) -> ClusterMasks:
+    def gate(value, shape):
+        return np.ones(shape, np.float32) if value is None else np.asarray(value, np.float32).reshape(shape)
+
+    return ClusterMasks(index, gate(blocks, (LAYERS, 2)), gate(heads, (LAYERS, HEADS)), gate(neurons, (LAYERS, INTERMEDIATE)))
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "fresh_init"])
+def test_dense_graph_matches_transformers_prefill_and_greedy(models_dir, variant):
+    path = make_llama(models_dir / f"llama_{variant}", seed=7, tied=variant == "tied", fresh_init=variant == "fresh_init")
+    dims, weights, model = loaded(path)
+    session = session_of(export_decoder(weights, dims))
+    ids = [0, 17, 45, 99, 120, 7, 3, 50]
+    assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):]
+    assert greedy(session, ids, 16).tokens == expected.tolist()
+
+
+CASES = {
+    "blocks": cluster(blocks=[[1, 0], [0, 1], [0, 0], [1, 1]]),
+    "soft_blocks": cluster(blocks=[[0.5, 1], [1, 0.3], [1, 1], [0.7, 0.9]]),
+    "whole_kv_groups": cluster(heads=[[0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]),
+    "partial_groups_and_soft_heads": cluster(heads=[[1, 0, 1, 1], [0.5, 1, 1, 0], [0, 1, 0, 0.25], [1, 1, 1, 1]]),
+    "neurons": cluster(neurons=(np.random.default_rng(0).random((LAYERS, INTERMEDIATE)) > 0.5)
+                       * np.random.default_rng(1).uniform(0.2, 1.0, (LAYERS, INTERMEDIATE))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cluster_rewrites_match_the_gated_reference(llama, case):
+    masks = CASES[case]
+    dims, weights, model = loaded(llama)
+    graph = build_cluster_graph(export_decoder(weights, dims), LlamaStructure(dims.layers, dims.head_dim), masks)
+    gates = ModelGates(gated_linears(model), dims.head_dim)
+    gates.set(masks)
+    ids = [0, 9, 33, 120, 201, 14, 77]
+    assert relative_error(prefill(session_of(graph), ids), reference_logits(model, ids)) < 1e-5
+    past = {v.name: int(v.shape[1]) for v in graph.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith("key")}
+    attention_kept = [i for i in range(LAYERS) if masks.blocks[i, 0] != 0 and masks.heads[i].any()]
+    assert sorted(past) == [f"past_key_values.{i}.key" for i in attention_kept]
+    outputs = {v.name for v in graph.graph.outputs}
+    assert outputs == {"logits"} | {f"present.{i}.{kv}" for i in attention_kept for kv in ("key", "value")}
+    for i in attention_kept:  # a KV head stays exactly while one of its query heads does
+        groups = {h // (HEADS // KV_HEADS) for h in np.flatnonzero(masks.heads[i])}
+        assert past[f"past_key_values.{i}.key"] == len(groups)
+
+
+def test_removed_branches_take_their_norms_and_projections(llama):
+    dims, weights, _ = loaded(llama)
+    graph = build_cluster_graph(export_decoder(weights, dims), LlamaStructure(dims.layers, dims.head_dim),
+                                cluster(blocks=[[0, 1], [1, 0], [1, 1], [1, 1]]))
+    names = {n.name for n in graph.graph}
+    assert not any(n.startswith("/model/layers.0/input_layernorm") or n.startswith("/model/layers.0/self_attn") for n in names)
+    assert not any(n.startswith("/model/layers.1/post_attention_layernorm") or n.startswith("/model/layers.1/mlp") for n in names)
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph) == LAYERS - 1
+
+
+@pytest.fixture(scope="module")
+def decoder_bundle(tmp_path_factory, llama, llama_router, prompts_file):
+    from edgecompile.build import BuildRequest, build
+
+    root = tmp_path_factory.mktemp("decoder")
+    rng = np.random.default_rng(3)
+    clusters = {
+        0: {"blocks": np.ones((LAYERS, 2))},
+        1: {"blocks": np.array([[1, 0], [0, 1], [1, 1], [0, 0]])},
+        2: {"heads": np.array([[0, 0, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0.5]]),
+            "neurons": (rng.random((LAYERS, INTERMEDIATE)) > 0.4).astype(np.float32)},
+    }
+    masks = write_masks(root / "masks.safetensors", clusters, (rng.standard_normal((3, 24)) * 0.3).astype(np.float32))
+    out = root / "bundle"
+    result = build(BuildRequest(llama, masks, llama_router, out, samples=prompts_file))
+    return out, result.table
+
+
+def test_build_reports_prefill_and_greedy_parity_through_both_runtimes(decoder_bundle):
+    _, table = decoder_bundle
+    for graph in ("dense", "cluster_0", "cluster_1", "cluster_2"):
+        for row in ("prefill_logits", "greedy tokens (onnxruntime)", "greedy tokens (onnxruntime-genai)"):
+            assert f"| cpu | {graph} | {row} | {len(PROMPTS)} |" in table
+    assert "greedy tokens (routed, onnxruntime)" in table and "FAIL" not in table
+
+
+def test_manifest_lists_each_clusters_kv_cache(decoder_bundle):
+    out, _ = decoder_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_id = {c["id"]: c for c in manifest["clusters"]}
+    assert [e["layer"] for e in by_id[1]["kv_cache"]] == [0, 2]
+    assert [e["shape"][1] for e in by_id[2]["kv_cache"]] == [1, 2, 2, 2]
+    assert by_id[2]["kept"]["layers"][3]["heads"] == [0, 1, 2, 3] and by_id[2]["kept"]["layers"][1]["heads_zeroed"] == [1]
+    for cluster in manifest["clusters"]:
+        session = ort.InferenceSession(str(out / "cpu" / "decoder" / f"{cluster['graph']}.onnx"), providers=["CPUExecutionProvider"])
+        names = {i.name: i.shape for i in session.get_inputs()}
+        for entry in cluster["kv_cache"]:
+            assert names[entry["inputs"][0]][1] == entry["shape"][1]
+
+
+def test_onnxruntime_genai_loads_the_folder_and_every_cluster_by_overlay(decoder_bundle):
+    import onnxruntime_genai as og
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    out, _ = decoder_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    reference = load_file(str(out / "reference" / "outputs.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(str(out / manifest["student"]["tokenizer"]))
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    folder = out / manifest["targets"]["cpu"]["genai_folder"]
+
+    def generate(model) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 32, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([prompt], np.int32))
+        tokens = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        return tokens
+
+    assert generate(og.Model(str(folder))) == reference["dense/greedy_tokens/0000"].tolist()  # the folder as is: dense
+    for cluster in manifest["clusters"]:
+        config = og.Config(str(folder))
+        config.overlay(manifest["targets"]["cpu"]["graphs"][cluster["graph"]]["genai_overlay"])
+        model = og.Model(config)
+        # onnxruntime-genai's own tokenizer loads from the folder; it adds no BOS for this tokenizer class,
+        # so apps (and the parity gate) feed transformers' ids
+        assert list(map(int, og.Tokenizer(model).encode(PROMPTS[0]))) == tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        assert generate(model) == reference[f"{cluster['graph']}/greedy_tokens/0000"].tolist()
+
+
+def test_clusters_share_one_weights_file(decoder_bundle):
+    import onnx
+
+    out, _ = decoder_bundle
+    folder = out / "cpu" / "decoder"
+    assert sorted(p.name for p in folder.glob("*.onnx")) == ["cluster_0.onnx", "cluster_1.onnx", "cluster_2.onnx", "dense.onnx"]
+    assert [p.name for p in folder.glob("*.bin")] == ["weights.bin"]
+
+    def extents(graph: str) -> set[tuple[str, str]]:
+        model = onnx.load(str(folder / f"{graph}.onnx"), load_external_data=False)
+        return {(e["offset"], e["length"]) for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in [{kv.key: kv.value for kv in t.external_data}]}
+
+    dense = extents("dense")
+    assert extents("cluster_0") == dense and extents("cluster_1") < dense  # block pruning adds no bytes at all
+    assert extents("cluster_2") - dense  # sliced heads / neurons are new tensors, stored once
+
+
+def test_run_routes_the_prompt_and_generates_greedily(decoder_bundle, cli):
+    out, _ = decoder_bundle
+    code, stdout, stderr = cli("run", out, "--prompt", PROMPTS[1], "--max-new-tokens", "32")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    from safetensors.numpy import load_file
+
+    reference = load_file(str(out / "reference" / "outputs.safetensors"))
+    assert result["cluster_id"] == int(reference["router/cluster_id/0001"][0])
+    assert result["token_ids"] == reference[f"cluster_{result['cluster_id']}/greedy_tokens/0001"].tolist()
+    assert result["prefill_ms"] > 0 and set(result) >= {"text", "decode_ms_per_token", "distances"}
+
+
+def test_parity_gate_fails_a_decoder_whose_rope_is_wrong(llama, llama_router, prompts_file, tmp_path, cli, monkeypatch):
+    import edgecompile.families.llama as family
+
+    original = family.inverse_frequencies
+    monkeypatch.setattr(family, "inverse_frequencies", lambda dims: original(dims) * np.float32(1.02))
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}},
+                        np.random.default_rng(0).standard_normal((1, 24)).astype(np.float32))
+    code, _, stderr = cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--samples", prompts_file,
+                          "--out", tmp_path / "out", "-q")
+    assert code == 3 and "prefill_logits" in stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="configs with rope_parameters are written by transformers 5")
+def test_llama3_rope_saved_by_transformers_5_matches_transformers(models_dir):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    path = make_llama(models_dir / "llama3_rope", seed=8, rope=rope, max_positions=256)
+    assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    dims, weights, model = loaded(path)
+    session = session_of(export_decoder(weights, dims))
+    ids = list(range(3, 203))  # positions past original_max_position_embeddings, where llama3 scaling differs
+    assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 reads rope_parameters")
+def test_rope_parameters_under_transformers_4_are_refused(models_dir, llama_router, prompts_file, tmp_path, cli):
+    path = make_llama(models_dir / "llama_rope4", seed=9)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (path / "config.json").write_text(json.dumps(config))
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--out", tmp_path / "o", "-q"),
+                          "config.json", "rope_parameters", "rope_theta 10000", "transformers>=5")
+
+
+def edited_llama(models_dir, name, config_edit=None, tensors_edit=None):
+    """A copy of a tiny Llama with config.json and/or model.safetensors changed the way a bad checkpoint would be."""
+    from safetensors.torch import load_file, save_file
+
+    path = make_llama(models_dir / name, seed=11)
+    if config_edit:
+        config = json.loads((path / "config.json").read_text())
+        config_edit(config)
+        (path / "config.json").write_text(json.dumps(config))
+    if tensors_edit:
+        tensors = load_file(str(path / "model.safetensors"))
+        tensors_edit(tensors)
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "sliding_window": (lambda c: c.update(sliding_window=64), None, ("config.json", "sliding_window", "expected it absent")),
+    "rope_type": (lambda c: c.update({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}} if TRANSFORMERS_MAJOR >= 5
+                                     else {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                  None, ("config.json", "rope type", "'yarn'")),
+    "attention_bias": (lambda c: c.update(attention_bias=True), None, ("config.json", "'attention_bias'", "expected False")),
+    "hidden_act": (lambda c: c.update(hidden_act="gelu"), None, ("config.json", "'hidden_act'", "'silu'", "'gelu'")),
+    "kv_heads": (lambda c: c.update(num_key_value_heads=3), None, ("config.json", "num_key_value_heads", "3")),
+    "missing_tensor": (None, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"), ("model.safetensors", "model.layers.2.mlp.up_proj.weight", "missing")),
+    "unexpected_tensor": (None, lambda t: t.update({"model.layers.4.mlp.up_proj.weight": torch.zeros(128, 64)}),
+                          ("model.safetensors", "model.layers.4.mlp.up_proj.weight", "unexpected")),
+    "wrong_shape": (None, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)}),
+                    ("model.safetensors", "model.layers.0.self_attn.k_proj.weight", "[32, 64]", "[64, 64]")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_decoder_checkpoints_fail_in_one_line(models_dir, llama_router, tmp_path, cli, case):
+    config_edit, tensors_edit, needles = BAD_CHECKPOINTS[case]
+    path = edited_llama(models_dir, f"bad_{case}", config_edit, tensors_edit)
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--out", tmp_path / "o", "-q"), *needles)
+    assert not (tmp_path / "o").exists()
+
+
+BAD_MASKS = {
+    "layers": ({"blocks": np.ones((LAYERS - 1, 2))}, ("cluster.0.blocks", f"[{LAYERS}, 2]", f"[{LAYERS - 1}, 2]")),
+    "heads": ({"heads": np.ones((LAYERS, KV_HEADS))}, ("cluster.0.heads", f"[{LAYERS}, {HEADS}]", f"[{LAYERS}, {KV_HEADS}]")),
+    "neurons": ({"neurons": np.ones((LAYERS, 64))}, ("cluster.0.neurons", f"[{LAYERS}, {INTERMEDIATE}]")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_masks_that_do_not_fit_the_decoder_fail_in_one_line(llama, llama_router, tmp_path, cli, case):
+    gates, needles = BAD_MASKS[case]
+    masks = write_masks(tmp_path / "m.safetensors", {0: gates}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--out", tmp_path / "o", "-q"), *needles)
+
+
+def test_prompt_longer_than_the_positions_fails_naming_line_and_length(models_dir, llama_router, tmp_path, cli):
+    path = make_llama(models_dir / "llama_short", seed=12, max_positions=48)
+    samples = tmp_path / "prompts.txt"
+    samples.write_text("Ok\n" + "word " * 40 + "\n", encoding="utf-8")
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    line = assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--samples", samples,
+                                     "--out", tmp_path / "o", "-q"), "prompts.txt", "line 2", "max_position_embeddings 48")
+    from transformers import AutoTokenizer
+
+    assert line.rstrip().endswith(f"found {len(AutoTokenizer.from_pretrained(str(path))(('word ' * 40).strip())['input_ids'])}")
+
+
+def test_decoders_refuse_targets_other_than_the_cpu_ep(llama, llama_router, tmp_path, cli):
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--target", "xnnpack",
+                              "--out", tmp_path / "o", "-q"), "--target xnnpack", "CPU EP")
