@@ -25,7 +25,8 @@ def write_tokenizer(directory: Path) -> int:
     vocab = list(dict.fromkeys(vocab))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # from_pretrained reads vocab.txt on both majors (transformers 5's constructor ignores vocab_file)
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)
     tokenizer.save_pretrained(str(directory))
     return len(vocab)
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference against independent implementations: transformers' prune_heads, forward
+"""The PyTorch reference against independent implementations: transformers' head pruning, forward
 hooks, and the sentence-transformers library."""
 
 from __future__ import annotations
@@ -41,13 +41,32 @@ def gated_outputs(student, masks):
         gates.remove()
 
 
+def prune_heads_with_transformers(bert: torch.nn.Module, heads_to_prune: dict[int, list[int]]) -> None:
+    """transformers' own head pruning: `BertModel.prune_heads` on 4.x; transformers 5 removed it, so
+    there its `prune_linear_layer` slices the same rows and columns and its own forward (which
+    reshapes with -1 heads) runs the pruned layers."""
+    if hasattr(bert, "prune_heads"):
+        bert.prune_heads(heads_to_prune)
+        return
+    from transformers.pytorch_utils import prune_linear_layer
+
+    for layer_index, heads in heads_to_prune.items():
+        attention = bert.encoder.layer[layer_index].attention
+        size, count = attention.self.attention_head_size, attention.self.num_attention_heads
+        keep = torch.tensor([i for h in range(count) if h not in heads for i in range(h * size, (h + 1) * size)])
+        for name in ("query", "key", "value"):
+            setattr(attention.self, name, prune_linear_layer(getattr(attention.self, name), keep))
+        attention.output.dense = prune_linear_layer(attention.output.dense, keep, dim=1)
+        attention.self.num_attention_heads = count - len(heads)
+
+
 @pytest.mark.parametrize("fixture", ["bert_student", "seqcls_student"])
-def test_head_gates_match_transformers_prune_heads(request, fixture):
+def test_head_gates_match_transformers_head_pruning(request, fixture):
     student = load_student_module(load_student(request.getfixturevalue(fixture)))
     heads = np.array([[1, 0, 1, 0], [0, 0, 0, 1]], np.float32)
     ours = gated_outputs(student, cluster(heads=heads))
     peer = copy.deepcopy(student)
-    peer.bert.prune_heads({0: [1, 3], 1: [0, 1, 2]})
+    prune_heads_with_transformers(peer.bert, {0: [1, 3], 1: [0, 1, 2]})
     assert peer.bert.encoder.layer[1].attention.self.num_attention_heads == 1
     with torch.no_grad():
         theirs = peer(IDS, MASK, TYPES)

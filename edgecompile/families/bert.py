@@ -2,12 +2,14 @@
 
 We use the TorchScript exporter (as optimum does) because its node names carry the module scope
 (`/model/encoder/layer.0/attention/self/query/MatMul`), which the rewrites use to find
-sub-layers; `passes.provenance` turns that into explicit node metadata. Inputs, dynamic axes and
-dummy inputs come from optimum's BertOnnxConfig so the exported signature matches optimum's.
+sub-layers; `passes.provenance` turns that into explicit node metadata. The signature is
+optimum's for BERT (input names, `batch_size` / `sequence_length` axes); dummy inputs come from
+optimum core's text input generator, as optimum's BertOnnxConfig made them.
 
-During export, BERT self-attention is traced with head-count-agnostic reshapes
-(`view(B, S, -1, head_size)`): numerically identical to transformers' forward, but no head count
-is baked into the graph, so pruning heads is purely a weight-slicing rewrite.
+Self-attention must be traced with head-count-agnostic reshapes (`view(B, S, -1, head_size)`) so
+that pruning heads is purely a weight-slicing rewrite. transformers 5's BertSelfAttention already
+reshapes that way (and is traced as is, eager attention); 4.x bakes the head count in, so there its
+forward is swapped during export for the same arithmetic with -1 for the head dim.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from edgecompile.inputs.compat import transformers_major
 from edgecompile.passes.sites import BranchSites, LayerSites, linear_site, nodes_by_module, residual_add
 
 OPSET = 17
+# optimum's dynamic axis names for encoder text inputs (BertOnnxConfig.inputs).
+PER_TOKEN_AXES = {0: "batch_size", 1: "sequence_length"}
+PER_SAMPLE_AXES = {0: "batch_size"}
 
 
-def _head_agnostic_self_attention(
+def _head_agnostic_self_attention_v4(
     self: nn.Module,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -40,7 +46,7 @@ def _head_agnostic_self_attention(
     *args: object,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' eager BertSelfAttention (absolute positions, encoder) with -1 for the head dim."""
+    """transformers 4.57's eager BertSelfAttention (absolute positions, encoder) with -1 for the head dim."""
     batch, seq, _ = hidden_states.shape
     size = self.attention_head_size
     query = self.query(hidden_states).view(batch, seq, -1, size).transpose(1, 2)
@@ -58,11 +64,15 @@ def _head_agnostic_self_attention(
 
 @contextlib.contextmanager
 def head_agnostic_attention(module: nn.Module) -> Iterator[None]:
+    """While tracing, BERT self-attention reshapes with -1 heads (a no-op on transformers 5, which does)."""
+    if transformers_major() >= 5:
+        yield
+        return
     from transformers.models.bert.modeling_bert import BertSelfAttention
 
     patched = [m for m in module.modules() if type(m) is BertSelfAttention]
     for m in patched:
-        m.forward = types.MethodType(_head_agnostic_self_attention, m)
+        m.forward = types.MethodType(_head_agnostic_self_attention_v4, m)
     try:
         yield
     finally:
@@ -70,24 +80,22 @@ def head_agnostic_attention(module: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def bert_dummy_inputs(config: dict, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """Dummy inputs from optimum's BertOnnxConfig (its shapes and value ranges)."""
-    from optimum.exporters.onnx.model_configs import BertOnnxConfig
-    from transformers import BertConfig
+def bert_dummy_inputs(config: object, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """Dummy inputs from optimum core's DummyTextInputGenerator (BertOnnxConfig's shapes and value ranges).
 
-    onnx_config = BertOnnxConfig(BertConfig(**config), task="feature-extraction")
-    dummy = onnx_config.generate_dummy_inputs(framework="pt")
-    return tuple(dummy[name] for name in names)
+    `config` is the loaded model's transformers config (only `vocab_size` is read)."""
+    from optimum.utils.input_generators import DummyTextInputGenerator
+    from optimum.utils.normalized_config import NormalizedTextConfig
+
+    generator = DummyTextInputGenerator("feature-extraction", NormalizedTextConfig(config))
+    return tuple(generator.generate(name, framework="pt") for name in names)
 
 
 def bert_dynamic_axes(input_names: Sequence[str], output_names: Sequence[str], per_token: Sequence[str]) -> dict:
-    from optimum.exporters.onnx.model_configs import BertOnnxConfig
-    from transformers import BertConfig
-
-    axes = dict(BertOnnxConfig(BertConfig(), task="feature-extraction").inputs)
-    dynamic = {name: dict(axes[name]) for name in input_names}
+    """Every input is [batch, sequence]; outputs named in `per_token` too, the others [batch, ...]."""
+    dynamic = {name: dict(PER_TOKEN_AXES) for name in input_names}
     for name in output_names:
-        dynamic[name] = {0: "batch_size", 1: "sequence_length"} if name in per_token else {0: "batch_size"}
+        dynamic[name] = dict(PER_TOKEN_AXES if name in per_token else PER_SAMPLE_AXES)
     return dynamic
 
 
@@ -130,7 +138,7 @@ def export_student(student: nn.Module) -> ir.Model:
     from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS
     from edgecompile.reference.student import INPUT_NAMES
 
-    args = bert_dummy_inputs(student.spec.config, INPUT_NAMES)
+    args = bert_dummy_inputs(student.bert.config, INPUT_NAMES)
     axes = bert_dynamic_axes(INPUT_NAMES, student.output_names, PER_TOKEN_OUTPUTS)
     model = export_module(student, args, INPUT_NAMES, student.output_names, axes)
     model.graph.name = "dense"
@@ -141,7 +149,7 @@ def export_router(router: nn.Module) -> ir.Model:
     """The router: input_ids / attention_mask -> cluster_id [batch] int64, distances [batch, K]."""
     from edgecompile.reference.router import ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES
 
-    args = bert_dummy_inputs(router.encoder.spec.config, ROUTER_INPUT_NAMES)
+    args = bert_dummy_inputs(router.encoder.bert.config, ROUTER_INPUT_NAMES)
     axes = bert_dynamic_axes(ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, ())
     model = export_module(router, args, ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, axes)
     model.graph.name = "router"

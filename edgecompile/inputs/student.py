@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,54 @@ def _check_bert_config(config_path: Path, config: Any, allowed: tuple[str, ...])
             config_path, "'hidden_size' / 'num_attention_heads'", "an integer head size",
             f"{config['hidden_size']} / {config['num_attention_heads']}",
         )
-    position = config.get("position_embedding_type", "absolute")
-    if position != "absolute":
-        raise input_error(config_path, "'position_embedding_type'", "'absolute'", repr(position))
-    if config.get("is_decoder") or config.get("add_cross_attention"):
-        raise input_error(config_path, "'is_decoder'", "an encoder (false)", "a decoder configuration")
+    _refuse_unimplemented(config_path, config, BERT_FIELDS_NOT_IMPLEMENTED)
     return architecture
+
+
+# Fields a BERT config may carry (saved by transformers 4.x or 5.x) that change the model but that the
+# BERT export and passes do not implement: each is refused by name rather than compiled into a
+# different model. (transformers 5 drops relative positions and head pruning altogether; 4.57 would
+# load them, so both lanes refuse them here.) Entries: key, accepted(value), what is accepted.
+BERT_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'"),
+    ("is_decoder", lambda v: not v, "an encoder (false)"),
+    ("add_cross_attention", lambda v: not v, "no cross-attention (false)"),
+    ("chunk_size_feed_forward", lambda v: not v, "0 (the FFN is exported unchunked)"),
+    ("pruned_heads", lambda v: not v, "none (every layer keeps num_attention_heads; prune with --masks)"),
+    ("quantization_config", lambda v: v is None, "none (a float checkpoint)"),
+)
+
+
+def _refuse_unimplemented(path: Path, config: dict[str, Any], fields: tuple[tuple[str, Callable[[Any], bool], str], ...]) -> None:
+    for key, accepted, expected in fields:
+        if key in config and not accepted(config[key]):
+            raise input_error(path, f"'{key}'", expected, _short(config[key]))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# sentence-transformers settings that change what the folder computes and that edgecompile does not
+# implement (the text goes through the tokenizer as is, BertModel.forward, then Pooling / Normalize).
+# sentence_bert_config.json of the Transformer module: 5.x / 6.x write transformer_task,
+# modality_config and module_output_name; older releases max_seq_length and do_lower_case.
+_TEXT_FORWARD = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+ST_TRANSFORMER_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("transformer_task", lambda v: v == "feature-extraction", "'feature-extraction'"),
+    ("modality_config", lambda v: v == _TEXT_FORWARD, json.dumps(_TEXT_FORWARD)),
+    ("module_output_name", lambda v: v == "token_embeddings", "'token_embeddings'"),
+    ("do_lower_case", lambda v: not v, "false (texts are not lowercased beyond the tokenizer's own rules)"),
+    *((key, lambda v: not v, "none (load-time overrides are not applied)")
+      for key in ("config_kwargs", "config_args", "processor_kwargs", "tokenizer_args", "processing_kwargs")),
+    *((key, lambda v: v is None, "null (one text encoding for every task)")
+      for key in ("query_length", "document_length", "query_expansion")),
+)
+# config_sentence_transformers.json at the folder's root.
+ST_MODEL_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("default_prompt_name", lambda v: v is None, "null (no prompt is prepended to the texts)"),
+)
 
 
 def _sentence_transformers_modules(path: Path) -> list[dict[str, Any]]:
@@ -238,12 +281,22 @@ def _load_sentence_transformers(path: Path) -> StudentSpec:
     _check_weights(transformer_dir)
     pooling_dir = path / str(modules[1].get("path", "1_Pooling"))
     pooling_mode = _pooling_mode(pooling_dir / "config.json", _read_json(pooling_dir / "config.json"))
+    # sentence-transformers >= 5.x keeps the length in the tokenizer's model_max_length (the build
+    # clamps to it); older folders also say max_seq_length here.
     max_seq_length = int(config.get("max_position_embeddings", 512))
     st_config = transformer_dir / "sentence_bert_config.json"
     if st_config.is_file():
         value = _read_json(st_config)
-        if isinstance(value, dict) and isinstance(value.get("max_seq_length"), int):
+        if not isinstance(value, dict):
+            raise input_error(st_config, "content", "a JSON object", type(value).__name__)
+        _refuse_unimplemented(st_config, value, ST_TRANSFORMER_FIELDS_NOT_IMPLEMENTED)
+        if isinstance(value.get("max_seq_length"), int):
             max_seq_length = min(max_seq_length, value["max_seq_length"])
+    model_config = path / "config_sentence_transformers.json"
+    if model_config.is_file():
+        value = _read_json(model_config)
+        if isinstance(value, dict):
+            _refuse_unimplemented(model_config, value, ST_MODEL_FIELDS_NOT_IMPLEMENTED)
     return StudentSpec(
         path, "sentence-transformers", architecture, transformer_dir, config,
         pooling_mode=pooling_mode, normalize=bool(rest), max_seq_length=max_seq_length,

@@ -3,6 +3,7 @@
 Matched (as the exporter writes BERT's eager attention; q, k, v are [B, S, D]):
     qh = Transpose(Reshape(q, [B, S, -1, h]), [0,2,1,3])    kh = Transpose(Reshape(k, ...), [0,2,3,1])
     p  = Softmax(Add(Div(MatMul(qh, kh), c), mask))          vh = Transpose(Reshape(v, ...), [0,2,1,3])
+    (transformers 5 scales with Mul(MatMul(qh, kh), 1 / c) instead of the Div)
     context = Reshape(Transpose(MatMul(p, vh), [0,2,1,3]), [B, S, -1])
 Replaced by:
     context = Attention(q, k, v, mask4, q_num_heads = kv_num_heads = D / h, scale = 1 / c)
@@ -64,13 +65,8 @@ class _Core:
         if "axis" in softmax.attributes and softmax.attributes["axis"].as_int() not in (-1, 3):
             raise NotAttention("softmax axis")
         add = _producer(softmax.inputs[0], "Add")
-        div = _producer(add.inputs[0], "Div")
         self.mask = add.inputs[1]
-        divisor = _constant(div.inputs[1])
-        if divisor is None or divisor.size != 1:
-            raise NotAttention("scale")
-        self.scale = float(np.float32(1.0) / np.float32(divisor.reshape(-1)[0]))
-        scores = _producer(div.inputs[0], "MatMul")
+        scores, self.scale = _scaled_scores(add.inputs[0])
         tq, tk = _producer(scores.inputs[0], "Transpose"), _producer(scores.inputs[1], "Transpose")
         if _perm(tq) != [0, 2, 1, 3] or _perm(tk) != [0, 2, 3, 1]:
             raise NotAttention("q / k layout")
@@ -100,6 +96,18 @@ class _Core:
         if shape is None or int(shape.reshape(-1)[-1]) <= 0:
             raise NotAttention("head size")
         return int(shape.reshape(-1)[-1])
+
+
+def _scaled_scores(value: ir.Value | None) -> tuple[ir.Node, float]:
+    """Div(MatMul, sqrt(h)) as transformers 4 writes the scaling, or Mul(MatMul, h ** -0.5) as 5 does."""
+    node = value.producer() if value is not None else None
+    if node is None or node.domain != "" or node.op_type not in ("Div", "Mul"):
+        raise NotAttention("expected Div or Mul")
+    factor = _constant(node.inputs[1])
+    if factor is None or factor.size != 1:
+        raise NotAttention("scale")
+    factor = np.float32(factor.reshape(-1)[0])
+    return _producer(node.inputs[0], "MatMul"), float(np.float32(1.0) / factor if node.op_type == "Div" else factor)
 
 
 def _width(value: ir.Value) -> int:

@@ -7,11 +7,13 @@ of `output_names`. The same forward is exported to ONNX and evaluated as the par
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgecompile.errors import InputError, one_line
+from edgecompile.inputs.compat import transformers_major
 from edgecompile.inputs.student import StudentSpec
 from edgecompile.reference.pooling import l2_normalize, pool
 
@@ -19,6 +21,19 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # StudentModule keeps the Hugging Face model as `.model`, so exported node scopes (and the graph
 # module paths the passes use) are "model." + the Hugging Face module name.
 GRAPH_PREFIX = "model."
+
+
+def bert_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [B, S] 0/1 padding mask as BertModel should receive it, the same on both transformers majors.
+
+    4.57 turns it into the additive [B, 1, 1, S] mask `(1 - m) * finfo.min` itself. 5 would build a
+    [B, 1, S, S] one through masking_utils (Range / And / Where / Gather in the export) but takes a
+    prepared 4D mask as is, so it gets 4.57's: the same values, hence bitwise the same outputs (a
+    test checks that against 5's own path), and one compact graph on both majors.
+    """
+    if transformers_major() < 5:
+        return attention_mask
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
 class StudentModule(nn.Module):
@@ -48,10 +63,11 @@ class StudentModule(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        model_mask = bert_attention_mask(attention_mask, self.bert.dtype)
+        # return_dict: a config saying return_dict=false or torchscript=true would make outputs tuples
+        out = self.model(input_ids=input_ids, attention_mask=model_mask, token_type_ids=token_type_ids, return_dict=True)
         if self.spec.family == "bert-sequence-classification":
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return (out.logits,)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         hidden = out.last_hidden_state
         if self.spec.family == "sentence-transformers":
             sentence = pool(hidden, attention_mask, self.spec.pooling_mode or "mean")
@@ -83,38 +99,73 @@ def check_no_unexpected_tensors(spec: StudentSpec, model: nn.Module, info: dict)
         )
 
 
+def _load_kwargs() -> dict:
+    """from_pretrained options meaning the same on transformers 4.57 and 5: eager attention (the
+    exported arithmetic), fp32 (5 defaults to the checkpoint's dtype), no download, and the loading
+    report back instead of 5's raise-on-mismatch, so a bad tensor is named in one line."""
+    return dict(
+        attn_implementation="eager", dtype=torch.float32, output_loading_info=True, local_files_only=True,
+        ignore_mismatched_sizes=True,
+    )
+
+
+def _checkpoint_shape(weights: Path, name: str) -> list[int] | str:
+    """A tensor's shape as stored (the name with or without the base model's `bert.` prefix)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        names = set(handle.keys())
+        for candidate in (name, f"bert.{name}", name.removeprefix("bert.")):
+            if candidate in names:
+                return list(handle.get_slice(candidate).get_shape())
+    return "another shape"
+
+
+def _loading_report(info: dict, model: nn.Module, weights: Path) -> tuple[list[str], list[tuple[str, object, list[int]]]]:
+    """Missing keys and (name, checkpoint shape, model shape) mismatches, sorted. transformers 5 reports
+    sets of (name, checkpoint shape, model shape); 4.57 lists only the names."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    model_shapes = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    mismatched = []
+    for entry in info.get("mismatched_keys", ()):
+        if isinstance(entry, str):
+            mismatched.append((entry, _checkpoint_shape(weights, entry), model_shapes.get(entry, [])))
+        else:
+            name, found, expected = entry
+            mismatched.append((str(name), list(found), list(expected)))
+    return missing, sorted(mismatched, key=lambda m: m[0])
+
+
 def load_student_module(spec: StudentSpec) -> StudentModule:
-    """Load weights (eager attention, eval mode). Missing weights are an input error, never random init."""
+    """Load weights (eager attention, fp32, eval mode). Missing weights are an input error, never random init."""
     import transformers
     from transformers import BertForSequenceClassification, BertModel
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # transformers 5 draws one per load on stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    kwargs = dict(attn_implementation="eager", output_loading_info=True, local_files_only=True)
+    weights = spec.transformer_dir / "model.safetensors"
     try:
         if spec.family == "bert-sequence-classification":
-            model, info = BertForSequenceClassification.from_pretrained(str(spec.transformer_dir), **kwargs)
+            model, info = BertForSequenceClassification.from_pretrained(str(spec.transformer_dir), **_load_kwargs())
         else:
             model, info = BertModel.from_pretrained(
-                str(spec.transformer_dir), add_pooling_layer=spec.has_pooler, **kwargs
+                str(spec.transformer_dir), add_pooling_layer=spec.has_pooler, **_load_kwargs()
             )
     except Exception as exc:
-        raise InputError(f"{spec.transformer_dir / 'model.safetensors'}: cannot load into {spec.architecture} ({one_line(exc)})") from None
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    mismatched = info.get("mismatched_keys", [])
+        raise InputError(f"{weights}: cannot load into {spec.architecture} ({one_line(exc)})") from None
+    missing, mismatched = _loading_report(info, model, weights)
     if mismatched:
         name, found, expected = mismatched[0]
-        raise InputError(
-            f"{spec.transformer_dir / 'model.safetensors'}: tensor {name}: expected shape {list(expected)}, found {list(found)}"
-        )
+        raise InputError(f"{weights}: tensor {name}: expected shape {expected}, found {found}")
     if missing:
         raise InputError(
-            f"{spec.transformer_dir / 'model.safetensors'}: tensor {missing[0]}: expected in the checkpoint, found missing"
+            f"{weights}: tensor {missing[0]}: expected in the checkpoint, found missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     check_no_unexpected_tensors(spec, model, info)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise InputError(f"{spec.transformer_dir / 'model.safetensors'}: tensor {name}: expected finite values, found NaN or Inf")
+            raise InputError(f"{weights}: tensor {name}: expected finite values, found NaN or Inf")
     model.eval()
     return StudentModule(spec, model).eval()
