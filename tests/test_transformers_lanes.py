@@ -52,6 +52,20 @@ def test_reference_forward_is_bitwise_transformers_own_forward(request, fixture)
         assert torch.equal(ours[1], theirs.pooler_output)
 
 
+@pytest.mark.parametrize("fixture", ["bert_student", "seqcls_student"])
+def test_attention_traced_for_export_is_bitwise_transformers_own(request, fixture):
+    """On 4.57 export swaps BertSelfAttention.forward for a head-count-agnostic copy; on 5 it keeps it."""
+    from edgecompile.families.bert import head_agnostic_attention
+
+    student = load_student_module(load_student(request.getfixturevalue(fixture)))
+    with torch.no_grad():
+        plain = student(IDS, MASK, TYPES)
+        with head_agnostic_attention(student):
+            traced = student(IDS, MASK, TYPES)
+    for a, b in zip(plain, traced, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_loads_in_fp32_with_eager_attention_whatever_the_checkpoint_says(tmp_path, bert_student):
     from safetensors.torch import load_file, save_file
 
