@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from edgecompile.errors import InputError, input_error
 from edgecompile.families.graph_writer import GraphWriter, tensor_value
+from edgecompile.inputs.compat import transformers_major
 from edgecompile.passes.sites import BranchSites, LayerSites, linear_site, nodes_by_module, residual_add
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -61,12 +62,6 @@ INERT = {
 }
 EXPECTED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1, "is_encoder_decoder": False,
             "add_cross_attention": False}
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 @dataclass(frozen=True)
