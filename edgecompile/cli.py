@@ -213,8 +213,8 @@ def targets() -> None:
         target = load_target_file(path)
         shapes = "dynamic" if target.dynamic_shapes else f"fixed {target.batch}x{target.sequence}"
         where = "runs here" if target.runs_here else "not runnable here (estimated placement, CPU parity)"
-        click.echo(f"{name:<10} {target.provider:<28} {target.precision:<5} {shapes:<14} {target.format:<5} {where}\n"
-                   f"{'':<10} {target.description}  [{path}]")
+        click.echo(f"{name:<14} {target.provider:<28} {target.precision:<5} {shapes:<14} {target.format:<5} "
+                   f"onnxruntime >= {target.min_onnxruntime:<5} {where}\n{'':<14} {target.description}  [{path}]")
 
 
 def _outcome(argv: list[str] | None) -> tuple[int, str | None]:

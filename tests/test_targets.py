@@ -64,7 +64,7 @@ def test_user_targets_path(tmp_path, monkeypatch):
 def test_targets_command_lists_every_target(cli):
     code, out, _ = cli("targets")
     names = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
-    assert code == 0 and names == sorted(["coreml", "cpu", "nnapi", "qnn-htp", "xnnpack"])
+    assert code == 0 and sorted(names) == sorted(["coreml", "cpu", "cpu-attention", "nnapi", "qnn-htp", "xnnpack"])
     assert "not runnable here" in out and "QNNExecutionProvider" in out
 
 

@@ -15,13 +15,26 @@ def _layers(ids: list[int]) -> str:
     return ",".join(str(i) for i in ids) if ids else "none"
 
 
+def target_bytes(manifest: dict, target: str) -> int:
+    """Everything an app ships for one target: the files of its folder."""
+    return sum(f.get("bytes", 0) for rel, f in manifest["files"].items() if rel.startswith(f"{target}/"))
+
+
+def runtime_line(t: dict) -> str:
+    if "min_onnxruntime" not in t:  # bundles written before targets declared a floor
+        opsets = sorted({g.get("opset", 0) for g in t["graphs"].values()})
+        return f"opset {', '.join(map(str, opsets))}; oldest onnxruntime not recorded"
+    return (f"opset {t['opset']}, IR version {t['ir_version']}; needs onnxruntime >= {t['files_need_onnxruntime']} "
+            f"(target declares >= {t['min_onnxruntime']})")
+
+
 def bundle_summary(bundle: Bundle) -> str:
     m = bundle.manifest
     s, r = m["student"], m["router"]
     tool = m["tool"]
     lines = [
         f"bundle   {bundle.root}  ({m['schema']}; edgecompile {tool['edgecompile']}, onnx {tool['onnx']}, "
-        f"onnxruntime {tool['onnxruntime']}, exported at opset {m['export_opset']})",
+        f"onnxruntime {tool['onnxruntime']}, exported at opset {m['export_opset']}; each target's own opset below)",
         f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads"
         f"{' (%d KV heads)' % s['kv_heads'] if 'kv_heads' in s else ''}, "
         f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
@@ -33,6 +46,7 @@ def bundle_summary(bundle: Bundle) -> str:
     for name, t in m["targets"].items():
         shapes = "dynamic shapes" if t["dynamic_shapes"] else f"fixed batch {t['batch']} x sequence {t['sequence']}"
         lines.append(f"target   {name}: {t['provider']}, {t['precision']}, {shapes}, {t['format']}; parity on {t['parity_executed_on']}")
+        lines.append(f"           {target_bytes(m, name) / 1e6:.1f} MB in {name}/; {runtime_line(t)}")
         for graph, p in t.get("placement", {}).items():
             off = ", ".join(f"{u['op_type']} x{len(u['nodes'])}" for u in p["unsupported"]) or "none"
             kind = "executed" if p["method"].startswith("onnxruntime session") else "ESTIMATED"

@@ -76,6 +76,7 @@ def build_target(
             graphs, target, lowbit, calibration_feeds(target, models),
             progress=progress.note if "quantize_qdq" in target.steps else None,
         )
+    runtime = check_runtime_floor(target, lowered)
     # graphs whose Linears were lowered to integer kernels (their activations are quantized)
     lowbit_groups = {n: r["lowbit"]["linear_groups"] for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups")}
     integer_rows = integer_check(target, lowered, lowbit_groups) if integer_check else []
@@ -131,6 +132,7 @@ def build_target(
         "dynamic_shapes": target.dynamic_shapes,
         **({} if target.dynamic_shapes else {"batch": target.batch, "sequence": target.sequence}),
         "format": target.format,
+        **runtime,
         "shared_weights": target.shared_weights and target.format == "onnx",
         "definition": target.source.name,
         "target": target_to_dict(target),
@@ -147,6 +149,21 @@ def build_target(
         **({"required_operators": f"{target.name}/{REQUIRED_OPERATORS}"} if target.format == "ort" else {}),
     }
     return TargetOutcome(entry, result, graph_bytes)
+
+
+def check_runtime_floor(target: Target, lowered: dict[str, Any]) -> dict[str, Any]:
+    """Every lowered graph must load on the target's declared oldest onnxruntime (its opset and IR version)."""
+    from edgecompile.errors import input_error
+    from edgecompile.lowering.runtime_floor import runtime_needed, within_floor
+
+    opset = max(int(m.opset_imports.get("", 0)) for m in lowered.values())
+    ir_version = max(int(m.ir_version) for m in lowered.values())
+    needed = runtime_needed(opset, ir_version)
+    if not within_floor(needed, target.min_onnxruntime):
+        raise input_error(target.source, "key 'min_onnxruntime'", f"a runtime that loads opset {opset}, IR version {ir_version} "
+                          f"(onnxruntime >= {needed or 'newer than any known'})", repr(target.min_onnxruntime))
+    return {"min_onnxruntime": target.min_onnxruntime, "opset": opset, "ir_version": ir_version,
+            "files_need_onnxruntime": needed}
 
 
 def _public(report: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,9 @@ PLUGIN_KEYS = ("plugin_module", "plugin_library", "plugin_option_paths")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a target's name is also its folder in the bundle
 # section -> key -> (python type(s), default, allowed values or None)
 SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
-    "": {"name": (str, REQUIRED, None), "description": (str, "", None)},
+    "": {"name": (str, REQUIRED, None), "description": (str, "", None),
+         # the oldest onnxruntime the target's files must load on (see lowering/runtime_floor.py)
+         "min_onnxruntime": (str, "1.20", None)},
     "provider": {
         "name": (str, REQUIRED, None),
         "options": (dict, {}, None),
@@ -108,6 +110,7 @@ class Target:
     strict_placement: bool
     parity: ParityTolerances
     source: Path = field(compare=False, default=Path())
+    min_onnxruntime: str = "1.20"
 
     @property
     def parity_provider(self) -> str:
@@ -208,6 +211,9 @@ def load_target_file(path: Path) -> Target:
     for step in v["lowering"]["steps"]:
         if step not in STEPS:
             raise input_error(path, "key 'lowering.steps'", f"names among {', '.join(STEPS)}", repr(step))
+    from edgecompile.lowering.runtime_floor import check_floor
+
+    check_floor(Path(path), v[""]["min_onnxruntime"], v["lowering"]["steps"])
     provider = v["provider"]
     return Target(
         name=v[""]["name"],
@@ -233,6 +239,7 @@ def load_target_file(path: Path) -> Target:
         strict_placement=v["placement"]["strict"],
         parity=ParityTolerances(**{k: float(x) for k, x in v["parity"].items()}),
         source=Path(path),
+        min_onnxruntime=v[""]["min_onnxruntime"],
     )
 
 
