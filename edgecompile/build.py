@@ -20,6 +20,9 @@ from edgecompile.errors import ParityError, input_error
 from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan, summarize_plan
 from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
+from edgecompile.inputs.router import (
+    STATIC_MAX_TOKENS, RouterSpec, check_masks_router, encode_router, load_router as load_router_spec, load_router_tokenizer,
+)
 from edgecompile.inputs.student import StudentSpec, load_student
 from edgecompile.progress import Progress
 from edgecompile.lowering.targets import Target, load_target
@@ -36,6 +39,7 @@ class BuildRequest:
     force: bool = False
     threads: int = 0
     keep_failed: bool = False  # on a parity / placement miss, keep the staging folder as <out>.failed
+    router_layers: int | None = None  # use only the router encoder's first n layers
 
 
 @dataclass
@@ -50,18 +54,19 @@ class BuildResult:
 @dataclass(frozen=True)
 class ValidatedInputs:
     student: StudentSpec
-    router: StudentSpec
+    router: RouterSpec
     masks: MaskSet
     samples: Samples
     targets: tuple[Target, ...]
     lowbit_sidecar: tuple[Path, dict[str, Any]] | None = None
+    router_checked: bool = False  # the masks file named its router and it matched
 
 
 @dataclass
 class LoadedModels:
     student: Any  # reference.student.StudentModule
     router: Any  # reference.router.RouterModule
-    student_tokenizer_spec: StudentSpec  # whose tokenizer files the student uses
+    student_tokenizer_spec: Any  # whose tokenizer files the student uses (a StudentSpec)
     student_max_length: int
     router_max_length: int
     student_samples: list[Encoded]
@@ -76,6 +81,7 @@ class CompiledGraphs:
     graphs: dict[str, Any]  # name -> ir.Model: router, dense, cluster_<k>
     dense_entry: dict[str, Any]
     cluster_entries: list[dict[str, Any]]
+    router_entry: dict[str, Any] = field(default_factory=dict)
 
 
 def validate_inputs(request: BuildRequest) -> ValidatedInputs:
@@ -91,16 +97,15 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
     check_out_dir(Path(request.out), request.force, request.keep_failed)
     check_out_parent(Path(request.out))
     student = load_student(Path(request.student), role="student")
-    router = load_student(Path(request.router_encoder), role="router encoder")
-    if router.family != "sentence-transformers":
-        raise input_error(request.router_encoder, "router encoder", "a sentence-transformers folder (modules.json)", f"a plain {router.architecture} checkpoint")
-    if not router.tokenizer_files():
-        raise input_error(router.transformer_dir, "router encoder tokenizer", "tokenizer files (tokenizer.json or vocab.txt)", "none")
+    router = load_router_spec(Path(request.router_encoder), request.router_layers)
     student.check_tokenizer_files_readable()
-    router.check_tokenizer_files_readable()
+    if router.kind == "static" and not student.tokenizer_files():
+        raise input_error(student.transformer_dir, "student tokenizer", "tokenizer files (a static-embedding router's "
+                          "tokenizer cannot stand in for the student's)", "none")
     masks = load_masks(Path(request.masks), student, router.embedding_dim)
+    checked = check_masks_router(masks.path, masks.router_identity, router)
     samples = load_samples(request.samples)
-    return ValidatedInputs(student, router, masks, samples, targets, read_sidecar(student.path))
+    return ValidatedInputs(student, router, masks, samples, targets, read_sidecar(student.path), checked)
 
 
 def _max_length(spec: StudentSpec, tokenizer) -> int:
@@ -117,17 +122,23 @@ def _check_vocab(spec: StudentSpec, tokenizer, source: Path) -> None:
 
 def load_router(inputs: ValidatedInputs) -> tuple[Any, Any, int, list[Encoded]]:
     """The router module (encoder + centroids), its tokenizer, max length and the encoded samples."""
-    from edgecompile.reference.router import RouterModule
+    from edgecompile.reference.router import RouterModule, TransformerSentenceEncoder, load_static_encoder
     from edgecompile.reference.student import load_student_module
 
     masks = inputs.masks
-    router = RouterModule(
-        load_student_module(inputs.router), masks.centroids, masks.metric, masks.projection_weight, masks.projection_bias
-    ).eval()
-    tokenizer = load_tokenizer(inputs.router.transformer_dir)
-    _check_vocab(inputs.router, tokenizer, inputs.router.transformer_dir)
-    max_length = _max_length(inputs.router, tokenizer)
-    return router, tokenizer, max_length, encode(tokenizer, inputs.samples.texts, max_length)
+    spec = inputs.router
+    if spec.kind == "static":
+        encoder = load_static_encoder(spec.path)
+    else:
+        encoder = TransformerSentenceEncoder(load_student_module(spec.encoder), spec.layers)
+    router = RouterModule(encoder, masks.centroids, masks.metric, masks.projection_weight, masks.projection_bias).eval()
+    tokenizer = load_router_tokenizer(spec, spec.tokenization)
+    if spec.kind == "transformer":
+        _check_vocab(spec.encoder, tokenizer, spec.tokenizer_dir)
+        max_length = _max_length(spec.encoder, tokenizer)
+    else:
+        max_length = STATIC_MAX_TOKENS
+    return router, tokenizer, max_length, encode_router(tokenizer, spec.tokenization, inputs.samples.texts, max_length)
 
 
 def load_models(inputs: ValidatedInputs) -> LoadedModels:
@@ -140,7 +151,7 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     lowbit = resolve_plan(inputs.student, inputs.lowbit_sidecar, student.model)
     materialize(student.model, lowbit)
     router, _, router_max, router_samples = load_router(inputs)
-    tokenizer_spec = inputs.student if inputs.student.tokenizer_files() else inputs.router
+    tokenizer_spec = inputs.student if inputs.student.tokenizer_files() else inputs.router.encoder
     student_tokenizer = load_tokenizer(tokenizer_spec.transformer_dir)
     _check_vocab(inputs.student, student_tokenizer, tokenizer_spec.transformer_dir)
     student_max = _max_length(inputs.student, student_tokenizer)
@@ -155,8 +166,9 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
 
 def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Progress) -> CompiledGraphs:
     from edgecompile.bundle.accounting import kept_structure, macs_per_token, parameter_count
-    from edgecompile.families.bert import export_router, export_student
-    from edgecompile.families.bert import BertStructure
+    from edgecompile.bundle.router_cost import router_entry
+    from edgecompile.families.bert import BertStructure, export_student
+    from edgecompile.families.router import export_router
     from edgecompile.passes.pipeline import build_cluster_graph
 
     spec, masks, student = inputs.student, inputs.masks, models.student
@@ -195,7 +207,8 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
                 f"{kept['ffn_blocks_kept']}/{spec.num_layers} FFN, {kept['heads_kept']} heads, "
                 f"{kept['neurons_kept']} neurons; {macs['total'] / 1e6:.2f} MMACs/token ({ratio or 0:.0%} of dense)"
             )
-    return CompiledGraphs(graphs, dense_entry, entries)
+    return CompiledGraphs(graphs, dense_entry, entries,
+                          router_entry(inputs.router, masks, parameter_count(router), len(router.graph)))
 
 
 def _all_kept(template: ClusterMasks) -> ClusterMasks:
@@ -220,6 +233,9 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             f"hidden {spec.hidden_size}; {masks.num_clusters} clusters, metric {masks.metric}, masks {masks.kind}; "
             f"{len(inputs.samples.texts)} samples ({inputs.samples.source}); targets {', '.join(t.name for t in inputs.targets)}"
         )
+        progress.note(f"router {inputs.router.name}: {inputs.router.description}, width {inputs.router.embedding_dim}; "
+                      + ("the masks file names this router" if inputs.router_checked else
+                         "the masks file names no router (metadata router.encoder.*): centroids not checked against it"))
     if spec.is_decoder:
         from edgecompile.build_decoder import build_decoder
 

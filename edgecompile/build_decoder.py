@@ -101,7 +101,7 @@ def kv_cache(model) -> list[dict[str, Any]]:
 
 def compile_decoder_graphs(inputs: Any, models: DecoderModels, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from edgecompile.bundle.accounting import parameter_count
-    from edgecompile.families.bert import export_router
+    from edgecompile.families.router import export_router
     from edgecompile.families.llama import LlamaStructure, export_decoder, kept_structure, macs_per_token
     from edgecompile.passes.pipeline import build_cluster_graph
 

@@ -47,7 +47,8 @@ def cli() -> None:
 @cli.command()
 @click.argument("student_dir", type=_existing())
 @click.option("--masks", "masks", required=True, type=_existing(), help="edgecompile-masks/1 safetensors file (router centroids + per-cluster gates).")
-@click.option("--router-encoder", required=True, type=_existing(), help="sentence-transformers folder used to route inputs to clusters.")
+@click.option("--router-encoder", required=True, type=_existing(), help="Router encoder: a sentence-transformers folder, or a static-embedding model saved by model2vec.")
+@click.option("--router-layers", type=click.IntRange(min=1), default=None, help="Use only the router encoder's first N layers (a cheaper router; fit centroids for it).")
 @click.option("--out", required=True, type=_existing(), help="Bundle folder to create (must not exist unless --force).")
 @click.option("--target", "targets", multiple=True, default=("cpu",), show_default=True, help="Target name or path to a target .toml; repeat for several targets.")
 @click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
@@ -55,7 +56,7 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime intra-op threads for parity (0 = all cores).")
 @click.option("--keep-failed", is_flag=True, help="On a parity or placement failure, keep the graphs in <out>.failed/ to inspect.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
-def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targets: tuple[str, ...], samples: Path | None,
+def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: int | None, out: Path, targets: tuple[str, ...], samples: Path | None,
           force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
     """Export STUDENT_DIR once, rewrite one graph per cluster, build the router, prove parity, write the bundle.
 
@@ -68,7 +69,8 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, out: Path, targe
     from edgecompile.progress import Progress
 
     progress = Progress(quiet=quiet)
-    request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed)
+    request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed,
+                           router_layers)
     result = run_build(request, progress)
     if interrupt.requested():  # the signal came after the commit: say what is true on disk
         click.echo(f"note: interrupted after the bundle was written: {result.out} is complete and passed parity", err=True)

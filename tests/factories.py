@@ -210,3 +210,14 @@ def make_llama(
         _randomize(model, seed)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def make_model2vec(directory: Path, source: Path, quantize_to: str = "float32") -> Path:
+    """A static-embedding router distilled by model2vec itself from a (tiny) sentence-transformers folder."""
+    import logging
+
+    from model2vec.distill import distill
+
+    logging.getLogger("model2vec").setLevel(logging.ERROR)
+    distill(str(source), pca_dims=None, quantize_to=quantize_to).save_pretrained(str(directory))
+    return Path(directory)

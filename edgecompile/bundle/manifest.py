@@ -31,6 +31,13 @@ def graph_files(files: dict[str, dict[str, Any]], entry: dict[str, Any], target:
     return {name: files[name]["sha256"] for name in names}
 
 
+def _router_encoder(router: Any) -> dict[str, Any]:
+    if router.kind == "static":
+        return {"pooling": "mean", "normalize": router.static["normalize"], "layers": None,
+                "table_dtype": router.static["dtype"]}
+    return {"pooling": router.encoder.pooling_mode, "normalize": router.encoder.normalize, "layers": router.layers}
+
+
 def build_manifest(
     inputs: Any,
     models: Any,
@@ -75,7 +82,6 @@ def build_manifest(
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "dense": dense,
@@ -90,15 +96,18 @@ def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, An
     router, masks = inputs.router, inputs.masks
     return {
         "name": router.path.name,
-        "weights_sha256": sha256_file(router.transformer_dir / "model.safetensors"),
-        "pooling": router.pooling_mode, "normalize": router.normalize,
+        "weights_sha256": sha256_file(router.weights_file),
+        **_router_encoder(router),
         "projection": None if masks.projection_weight is None else list(masks.projection_weight.shape),
         "metric": masks.metric,
         "clusters": masks.num_clusters,
         "max_seq_length": max_length,
-        "vocab_size": int(router.config["vocab_size"]),
+        "vocab_size": router.vocab_size,
         "tokenizer": tokenizer,
+        "tokenization": router.tokenization.to_dict(),
         "tie_break": "lowest cluster id",
+        # the masks file named the router its centroids were fitted for, and it is this one
+        "masks_name_this_router": inputs.router_checked,
     }
 
 
@@ -144,7 +153,11 @@ def build_decoder_manifest(
             "tokenizer": tokenizers["student"],
             "precision": "fp32",
         },
-        "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
+        "router": {
+            **router_section(inputs, models.router_max_length, tokenizers["router"]),
+            **{k: v for k, v in compiled.router_entry.items() if k not in ("graph", "layers")},
+            "bytes": {t: graph_bytes[t]["router"] for t in targets},
+        },
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "generation": {"parity_new_tokens": new_tokens, "decoding": "greedy", "stops_on": "eos_token_ids or the token budget"},

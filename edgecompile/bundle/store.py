@@ -194,10 +194,10 @@ class Bundle:
 
     def tokenizer(self, role: str):
         """The tokenizer of 'student' or 'router'; a bundle whose tokenizer does not load is a bundle error."""
-        from edgecompile.inputs.tokens import load_tokenizer
+        from edgecompile.inputs.router import load_router_tokenizer, tokenization_from_manifest
 
-        try:
-            return load_tokenizer(self.file(self.manifest[role]["tokenizer"]))
+        try:  # a model2vec router's tokenizer is a plain tokenizers.Tokenizer (inputs/router.py)
+            return load_router_tokenizer(self.file(self.manifest[role]["tokenizer"]), tokenization_from_manifest(self.manifest[role]))
         except InputError as exc:
             raise BundleError(str(exc)) from None
 

@@ -20,8 +20,9 @@ from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundl
 from edgecompile.check.parity import TargetParity, check_target
 from edgecompile.errors import BundleError, InputError, one_line
 from edgecompile.inputs.samples import numbered_lines
-from edgecompile.inputs.tokens import Encoded, encode
+from edgecompile.inputs.tokens import Encoded
 from edgecompile.lowering.targets import target_from_dict
+from edgecompile.inputs.router import encode_role
 from edgecompile.reference.evaluate import Outputs
 
 
@@ -63,7 +64,7 @@ def read_samples(bundle: Bundle) -> list[str]:
 
 
 def encoded_samples(bundle: Bundle, texts: list[str], role: str) -> list[Encoded]:
-    return encode(bundle.tokenizer(role), texts, bundle.manifest[role]["max_seq_length"])
+    return encode_role(bundle, role, texts)
 
 
 def check_reference(bundle: Bundle, reference: dict[str, Outputs], samples: int, graphs: dict[str, list[str]]) -> None:

@@ -145,17 +145,6 @@ def export_student(student: nn.Module) -> ir.Model:
     return model
 
 
-def export_router(router: nn.Module) -> ir.Model:
-    """The router: input_ids / attention_mask -> cluster_id [batch] int64, distances [batch, K]."""
-    from edgecompile.reference.router import ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES
-
-    args = bert_dummy_inputs(router.encoder.bert.config, ROUTER_INPUT_NAMES)
-    axes = bert_dynamic_axes(ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, ())
-    model = export_module(router, args, ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, axes)
-    model.graph.name = "router"
-    return model
-
-
 @dataclass(frozen=True)
 class BertStructure:
     """Where a BERT encoder's layers are in its export (post-LayerNorm: the norms stay outside the branches).

@@ -19,7 +19,10 @@ from edgecompile.inputs.student import StudentSpec
 MASKS_FORMAT = "edgecompile-masks/1"
 MASK_KINDS = ("hard", "hard_concrete_log_alpha")
 METRICS = ("l2", "cosine")
-KNOWN_METADATA = ("format", "mask.kind", "router.metric")
+# router.encoder.*: which router the centroids were fitted for (inputs/router.py checks them)
+ROUTER_IDENTITY = ("router.encoder.kind", "router.encoder.width", "router.encoder.layers", "router.encoder.sha256",
+                   "router.encoder.name")
+KNOWN_METADATA = ("format", "mask.kind", "router.metric") + ROUTER_IDENTITY
 GRANULARITIES = ("blocks", "heads", "neurons")
 _CLUSTER_TENSOR = re.compile(r"^cluster\.(0|[1-9][0-9]*)\.([a-z]+)$")  # one spelling per index: no "cluster.00"
 
@@ -44,6 +47,7 @@ class MaskSet:
     projection_weight: np.ndarray | None  # [D', D]
     projection_bias: np.ndarray | None  # [D']
     clusters: tuple[ClusterMasks, ...] = field(default_factory=tuple)
+    router_identity: dict[str, str] = field(default_factory=dict)  # metadata router.encoder.* (may be empty)
 
     @property
     def num_clusters(self) -> int:
@@ -178,7 +182,8 @@ def load_masks(path: Path, student: StudentSpec, encoder_dim: int) -> MaskSet:
             else:
                 gates[granularity] = array.copy()
         clusters.append(ClusterMasks(k, gates["blocks"], gates["heads"], gates["neurons"], tuple(sorted(given))))
-    return MaskSet(path, kind, metric, centroids.copy(), _copy(weight), _copy(bias), tuple(clusters))
+    identity = {key: metadata[key] for key in ROUTER_IDENTITY if key in metadata}
+    return MaskSet(path, kind, metric, centroids.copy(), _copy(weight), _copy(bias), tuple(clusters), identity)
 
 
 def _few(items: list, shown: int = 5) -> str:

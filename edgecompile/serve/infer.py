@@ -7,6 +7,8 @@ says, per model, how many tokens the text had and how many were kept, and the CL
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,8 @@ import numpy as np
 from edgecompile.bundle.store import Bundle
 from edgecompile.check.parity import check_fits
 from edgecompile.errors import BundleError
-from edgecompile.inputs.tokens import encode, pad_batch
+from edgecompile.inputs.router import encode_router, tokenization_from_manifest
+from edgecompile.inputs.tokens import pad_batch
 from edgecompile.lowering.targets import target_from_dict
 from edgecompile.serve.runtime import create_session
 
@@ -31,9 +34,13 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
 
     def tokens(role: str):
         tokenizer, limit = bundle.tokenizer(role), bundle.manifest[role]["max_seq_length"]
-        encoded = encode(tokenizer, [text], limit)
+        tokenization = tokenization_from_manifest(bundle.manifest[role])
+        encoded = encode_router(tokenizer, tokenization, [text], limit)
         check_fits(encoded, target, "--text", which=role)
-        total = len(tokenizer(text, truncation=False)["input_ids"])
+        if tokenization.special_tokens:
+            total = len(tokenizer(text, truncation=False)["input_ids"])
+        else:  # model2vec: the same ids without its character pre-cut and token limit
+            total = encode_router(tokenizer, replace(tokenization, truncate_characters=None), [text], sys.maxsize)[0].length
         if total > encoded[0].length:
             truncated[role] = {"input_tokens": total, "kept": encoded[0].length}
         return encoded[0], pad_batch(encoded, length)

@@ -1,0 +1,152 @@
+"""Cheap routers: a model2vec static-embedding router and a truncated sentence-transformers router, each
+checked against its own library (model2vec's StaticModel.encode, sentence-transformers with the same
+truncation), and masks files that name the router their centroids were fitted for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import centroids, gates
+from factories import make_model2vec, write_masks
+from edgecompile.inputs.samples import BUILTIN_SAMPLES
+
+TEXTS = list(BUILTIN_SAMPLES[:6]) + ["naïve café ü 漢字 🙂 résumé", "!!!", "the " * 300, "zzzz qqqq"]
+CLUSTERS = {0: gates(blocks=np.ones((2, 2))), 1: gates(blocks=[[0, 1], [1, 0]]), 2: gates(blocks=np.zeros((2, 2)))}
+
+
+@pytest.fixture(scope="session", params=["float32", "float16"])
+def model2vec_router(request, models_dir, router_encoder) -> Path:
+    return make_model2vec(models_dir / f"m2v_{request.param}", router_encoder, request.param)
+
+
+def router_graph(router_module) -> ort.InferenceSession:
+    from edgecompile.families.router import export_router
+
+    model = export_router(router_module)
+    import onnx_ir as ir
+
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run_router(session, samples) -> tuple[np.ndarray, np.ndarray]:
+    from edgecompile.inputs.tokens import pad_batch
+
+    feed = pad_batch(samples)
+    return tuple(session.run(None, {"input_ids": feed["input_ids"], "attention_mask": feed["attention_mask"]}))
+
+
+def l2_distances(embeddings: np.ndarray, cents: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(embeddings[:, None, :].astype(np.float64) - cents[None].astype(np.float64), axis=-1)
+
+
+def test_static_router_matches_model2vec_encode(model2vec_router):
+    from model2vec import StaticModel
+
+    from edgecompile.inputs.router import encode_router, load_router, load_router_tokenizer
+    from edgecompile.reference.router import RouterModule, load_static_encoder
+
+    spec = load_router(model2vec_router)
+    model = StaticModel.from_pretrained(str(model2vec_router))
+    assert spec.kind == "static" and spec.embedding_dim == model.dim and spec.static["dtype"] == str(model.embedding.dtype)
+    tokenizer = load_router_tokenizer(spec, spec.tokenization)
+    # the tokenization is model2vec's own, including the character pre-cut and dropping the unknown token
+    for max_length in (512, 8):
+        tokenization = spec.tokenization if max_length == 512 else type(spec.tokenization)(
+            False, max_length * spec.static["median_token_length"], spec.static["unk_id"])
+        ours = [s.input_ids.tolist() for s in encode_router(tokenizer, tokenization, TEXTS, max_length)]
+        assert ours == model.tokenize(TEXTS, max_length=max_length)
+    samples = encode_router(tokenizer, spec.tokenization, TEXTS, 512)
+    cents = centroids(3, dim=spec.embedding_dim, seed=4)
+    reference = model.encode(TEXTS)  # the peer implementation
+    tolerance = 1e-5 if spec.static["dtype"] == "float32" else 2e-3  # model2vec rounds a float16 mean to float16
+    import torch
+
+    router = RouterModule(load_static_encoder(model2vec_router), cents, "l2").eval()
+    with torch.no_grad():
+        for sample, expected in zip(samples, reference):
+            ids = torch.from_numpy(sample.input_ids)[None]
+            got = router.encoder(ids, torch.ones_like(ids))[0].numpy()
+            np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+    cluster_id, distances = run_router(router_graph(router), samples)
+    np.testing.assert_allclose(distances, l2_distances(reference, cents), atol=5 * tolerance, rtol=0)
+    assert (cluster_id == l2_distances(reference, cents).argmin(axis=1)).all()
+    assert np.linalg.norm(reference[TEXTS.index("!!!")]) in (0.0, pytest.approx(1.0))  # empty or not, both agree
+
+
+def test_truncated_router_matches_sentence_transformers_truncation(router_encoder):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from edgecompile.inputs.router import encode_router, load_router, load_router_tokenizer
+    from edgecompile.reference.router import RouterModule, TransformerSentenceEncoder
+    from edgecompile.reference.student import load_student_module
+
+    spec = load_router(router_encoder, layers=1)
+    peer = SentenceTransformer(str(router_encoder), device="cpu")
+    transformer = peer[0].auto_model
+    transformer.encoder.layer = torch.nn.ModuleList(list(transformer.encoder.layer)[:1])
+    reference = peer.encode(TEXTS[:7], convert_to_numpy=True)
+    cents = centroids(3, dim=spec.embedding_dim, seed=5)
+    router = RouterModule(TransformerSentenceEncoder(load_student_module(spec.encoder), 1), cents, "l2").eval()
+    samples = encode_router(load_router_tokenizer(spec, spec.tokenization), spec.tokenization, TEXTS[:7], 64)
+    cluster_id, distances = run_router(router_graph(router), samples)
+    np.testing.assert_allclose(distances, l2_distances(reference, cents), atol=1e-5, rtol=0)
+    assert (cluster_id == l2_distances(reference, cents).argmin(axis=1)).all()
+    full = RouterModule(TransformerSentenceEncoder(load_student_module(spec.encoder)), cents, "l2").eval()
+    assert not np.allclose(run_router(router_graph(full), samples)[1], distances)  # truncation really changed it
+
+
+def test_build_run_verify_with_a_model2vec_router(cli, tmp_path, st_student, model2vec_router):
+    from edgecompile.inputs.router import load_router, router_metadata
+
+    spec = load_router(model2vec_router)
+    masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3, dim=spec.embedding_dim),
+                        metadata={"format": "edgecompile-masks/1", "router.metric": "cosine", **router_metadata(spec)})
+    out = tmp_path / "bundle"
+    code, table, err = cli("build", st_student, "--masks", masks, "--router-encoder", model2vec_router, "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    router = manifest["router"]
+    assert router["kind"] == "static" and router["masks_name_this_router"] and router["macs_per_token"]["encoder"] == 0
+    assert router["tokenization"]["special_tokens"] is False and manifest["router"]["tokenizer"] == "router_tokenizer"
+    code, out_json, err = cli("run", out, "--text", TEXTS[0])
+    assert code == 0, err
+    from model2vec import StaticModel
+
+    expected = 1 - StaticModel.from_pretrained(str(model2vec_router)).encode([TEXTS[0]]) @ (
+        (c := centroids(3, dim=spec.embedding_dim)) / np.linalg.norm(c, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(json.loads(out_json)["distances"], expected[0], atol=5e-3)
+    code, _, err = cli("verify", out)
+    assert code == 0, err
+
+
+def test_masks_fitted_for_another_router_is_one_line(cli, tmp_path, st_student, router_encoder):
+    from edgecompile.inputs.router import load_router, router_metadata
+
+    fitted_for = router_metadata(load_router(router_encoder))  # the full encoder
+    masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3),
+                        metadata={"format": "edgecompile-masks/1", "router.metric": "l2", **fitted_for})
+    code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--router-layers", "1",
+                       "--out", tmp_path / "b")
+    assert code == 2 and len([line for line in err.splitlines() if line.startswith("error")]) == 1
+    assert not (tmp_path / "b").exists()
+    assert "metadata 'router.encoder.layers': expected 1" in err and "found 2" in err and "refit" in err
+    tampered = dict(fitted_for, **{"router.encoder.sha256": "0" * 64})
+    write_masks(masks, CLUSTERS, centroids(3), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", **tampered})
+    code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b")
+    assert code == 2 and "metadata 'router.encoder.sha256'" in err
+
+
+def test_router_layers_out_of_range_and_on_a_static_router(cli, tmp_path, st_student, router_encoder, model2vec_router):
+    masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3))
+    code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--router-layers", "3",
+                       "--out", tmp_path / "b")
+    assert code == 2 and "--router-layers: layers: expected 1 .. 2" in err
+    code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", model2vec_router, "--router-layers", "1",
+                       "--out", tmp_path / "b")
+    assert code == 2 and "a static-embedding model2vec model" in err
