@@ -147,30 +147,36 @@ def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=_existing())
 @click.option("--target", default=None, help="Target folder of the bundle [default: the first].")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch of the per-graph timing [default: 1; fixed-shape targets: theirs, no other].")
+@click.option("--sequence", type=click.IntRange(min=1), default=None, help="Sequence of the per-graph timing [default: 128; fixed-shape targets: theirs, no other].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per graph (round-robin).")
+@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per graph and per routed input (round-robin).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the rows as JSON here.")
-def bench(bundle_dir: Path, target: str | None, batch: int, sequence: int, threads: int, runs: int, warmup: int,
-          json_path: Path | None) -> None:
-    """p50/p90 latency per cluster and for the router, beside the dense export, in one run."""
-    from dataclasses import asdict
-
-    from edgecompile.serve.bench import bench_bundle, bench_table
+@click.option("--samples", type=_existing(), default=None, help="Texts for the routed timing, one per line [default: the build's samples].")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report (with its metadata) as JSON here, and the plot beside it (.png).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write the plot (latency and MACs per graph, routed vs dense) to this PNG.")
+def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int | None, threads: int, runs: int,
+          warmup: int, samples: Path | None, json_path: Path | None, plot_path: Path | None) -> None:
+    """p50/p90 latency of every graph beside the dense export, and routed latency (router + the cluster it
+    picks, per input) against dense on real texts."""
     from edgecompile.bundle.store import load_bundle
+    from edgecompile.serve.bench import bench_bundle, bench_table, write_plot
 
-    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
-        raise InputError(f"{json_path}: --json: expected a file path in an existing folder, found "
-                         f"{'a folder' if json_path.is_dir() else 'a missing parent folder'}")
-    if json_path is not None and (bundle := _enclosing_bundle(json_path, bundle_dir)):
-        raise InputError(f"{json_path}: --json: expected a path outside any bundle, found one inside the bundle {bundle}")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            raise InputError(f"{path}: {option}: expected a file path in an existing folder, found "
+                             f"{'a folder' if path.is_dir() else 'a missing parent folder'}")
+        if path is not None and (bundle := _enclosing_bundle(path, bundle_dir)):
+            raise InputError(f"{path}: {option}: expected a path outside any bundle, found one inside the bundle {bundle}")
     bundle = load_bundle(bundle_dir)
-    rows = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup)
-    click.echo(bench_table(rows, batch, sequence, threads))
+    report = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup,
+                          samples=samples)
+    click.echo(bench_table(report))
     if json_path:
-        _write_atomically(json_path, json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        _write_atomically(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        plot_path = plot_path or json_path.with_suffix(".png")
+    if plot_path:
+        click.echo(f"plot written to {write_plot(report, plot_path)}", err=True)
 
 
 def _enclosing_bundle(path: Path, bundle_dir: Path) -> Path | None:

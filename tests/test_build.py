@@ -96,7 +96,7 @@ def test_inspect_run_verify_bench(cli, bundle):
     code, out, err = cli("verify", bundle)
     assert code == 0 and "parity passed" in err and "end-to-end" in out
     code, out, _ = cli("bench", bundle, "--runs", "3", "--warmup", "1", "--sequence", "16")
-    assert code == 0 and "cluster_3" in out and "p50 ms" in out
+    assert code == 0 and "cluster_3" in out and "p50 ms" in out and "routed (router + cluster)" in out
 
 
 def test_run_matches_the_reference_router_and_cluster(bundle, st_student, router_encoder, masks_path):

@@ -55,3 +55,22 @@ def test_mobile_parity_ran_on_the_ort_files(bundle, cli):
     assert "ESTIMATED" in out and "[executed]" in out
     code, out, _ = cli("run", bundle, "--target", "nnapi", "--text", "where is the station")
     assert code == 0 and json.loads(out)["target"] == "nnapi"
+
+
+def test_bench_states_the_shape_and_refuses_another_on_a_fixed_target(bundle, cli, tmp_path):
+    code, _, err = cli("bench", bundle, "--target", "xnnpack", "--sequence", "64", "--runs", "3")
+    assert code == 2 and "--sequence: sequence on target 'xnnpack': expected 128 (its graphs have fixed shapes), found 64" in err
+    code, _, err = cli("bench", bundle, "--target", "xnnpack", "--batch", "2", "--runs", "3")
+    assert code == 2 and "--batch" in err
+    report = tmp_path / "bench.json"
+    code, out, err = cli("bench", bundle, "--target", "xnnpack", "--runs", "3", "--warmup", "0", "--json", report)
+    assert code == 0, err
+    assert "target xnnpack: CPUExecutionProvider (XnnpackExecutionProvider cannot run here)" in out
+    assert "graphs: batch 1 x sequence 128" in out and "padded to 1 x 128" in out
+    data = json.loads(report.read_text())
+    assert data["metadata"]["graphs_shape"] == {"batch": 1, "sequence": 128, "tokens": "random ids"}
+    assert data["metadata"]["target"] == "xnnpack" and data["metadata"]["executed_on"] == "CPUExecutionProvider"
+    routed = data["routed"]
+    assert routed["inputs"] == 24 and routed["padded_to"] == 128 and sum(routed["clusters_chosen"].values()) == 24
+    assert 0 < routed["router_share"] < 1 and routed["router_p50_ms"] < routed["routed_p50_ms"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -150,3 +150,20 @@ def test_router_layers_out_of_range_and_on_a_static_router(cli, tmp_path, st_stu
     code, _, err = cli("build", st_student, "--masks", masks, "--router-encoder", model2vec_router, "--router-layers", "1",
                        "--out", tmp_path / "b")
     assert code == 2 and "a static-embedding model2vec model" in err
+
+
+def test_bench_routed_over_given_samples_agrees_with_the_router(cli, tmp_path, st_student, router_encoder):
+    masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3))
+    out = tmp_path / "bundle"
+    assert cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--router-layers", "1",
+               "--out", out, "-q")[0] == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS[:5]) + "\n")
+    code, stdout, err = cli("bench", out, "--runs", "3", "--warmup", "0", "--samples", texts, "--json", tmp_path / "b.json")
+    assert code == 0, err
+    routed = json.loads((tmp_path / "b.json").read_text())["routed"]
+    picked = [json.loads(cli("run", out, "--text", t)[1])["cluster_id"] for t in TEXTS[:5]]
+    assert routed["inputs"] == 5 and routed["source"] == str(texts)
+    assert routed["clusters_chosen"] == {f"cluster_{k}": picked.count(k) for k in sorted(set(picked))}
+    code, stdout, _ = cli("inspect", out)
+    assert "router " in stdout and "transformer, 1 of 2 layers" in stdout

@@ -40,7 +40,10 @@ def bundle_summary(bundle: Bundle) -> str:
         f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
         f"router   {r['name']}: {r['pooling']} pooling{', normalized' if r['normalize'] else ''}"
         f"{', projection ' + 'x'.join(map(str, r['projection'])) if r['projection'] else ''}; "
-        f"{r['metric']} distance to {r['clusters']} centroids; ties -> {r['tie_break']}",
+        f"{r['metric']} distance to {r['clusters']} centroids; ties -> {r['tie_break']}"
+        + (f"\n         encoder: {r['encoder']}, width {r['embedding_dim']}; masks "
+           + ("name this router" if r.get("masks_name_this_router") else "name no router (centroids not checked)")
+           if "encoder" in r else ""),
         f"masks    {m['masks']['name']} ({m['masks']['kind']}); parity samples: {m['samples']['count']}",
     ]
     for name, t in m["targets"].items():
@@ -83,6 +86,11 @@ def bundle_summary(bundle: Bundle) -> str:
         "dense", f"{layers}/{layers}", f"{layers}/{layers}", str(layers * s["heads"]), str(layers * s["intermediate_size"]),
         _millions(d["parameters"]), f"{d['macs_per_token'][macs_key] / 1e6:.2f}", "1.00",
     ] + [f"{d['bytes'][t] / 1e6:.1f}" for t in targets]]
+    if "macs_per_token" in r:  # bundles from before routers recorded their cost have no router row
+        rows.insert(0, [
+            "router", "", "", "", "", _millions(r["parameters"]), f"{r['macs_per_token']['total'] / 1e6:.2f}",
+            f"{r['macs_per_token']['total'] / d['macs_per_token']['total']:.2f}" if d["macs_per_token"]["total"] else "—",
+        ] + [f"{r['bytes'][t] / 1e6:.1f}" for t in targets])
     for c in m["clusters"]:
         k = c["kept"]
         rows.append([
