@@ -209,6 +209,32 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+@cli.command("compare-routers")
+@click.argument("bundle_dirs", nargs=-1, required=True, type=_existing())
+@click.option("--samples", type=_existing(), default=None, help="Texts, one per line [default: the first bundle's build samples].")
+@click.option("--target", default=None, help="Target folder to run [default: the first bundle's first].")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True, help="Timed runs per text and router.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the comparison as JSON here.")
+def compare_routers(bundle_dirs: tuple[Path, ...], samples: Path | None, target: str | None, threads: int, runs: int,
+                    json_path: Path | None) -> None:
+    """The routers of BUNDLE_DIRS on the same texts: each one's cost (MACs, size, latency, share of the first
+    bundle's dense latency) and, against the first, the share of texts sent to the same cluster."""
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.serve.compare_routers import compare_routers as run_comparison, comparison_table
+
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        raise InputError(f"{json_path}: --json: expected a file path in an existing folder, found "
+                         f"{'a folder' if json_path.is_dir() else 'a missing parent folder'}")
+    for bundle_dir in bundle_dirs:
+        if json_path is not None and (inside := _enclosing_bundle(json_path, bundle_dir)):
+            raise InputError(f"{json_path}: --json: expected a path outside any bundle, found one inside the bundle {inside}")
+    result = run_comparison([load_bundle(d) for d in bundle_dirs], samples, target, threads, runs)
+    click.echo(comparison_table(result))
+    if json_path:
+        _write_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+
+
 @cli.command()
 def targets() -> None:
     """List the known targets (shipped ones and those in $EDGECOMPILE_TARGETS_PATH)."""

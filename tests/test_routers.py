@@ -167,3 +167,30 @@ def test_bench_routed_over_given_samples_agrees_with_the_router(cli, tmp_path, s
     assert routed["clusters_chosen"] == {f"cluster_{k}": picked.count(k) for k in sorted(set(picked))}
     code, stdout, _ = cli("inspect", out)
     assert "router " in stdout and "transformer, 1 of 2 layers" in stdout
+
+
+def test_compare_routers_reports_cost_and_agreement(cli, tmp_path, st_student, router_encoder, model2vec_router):
+    from edgecompile.inputs.router import load_router
+
+    full_masks = write_masks(tmp_path / "full.safetensors", CLUSTERS, centroids(3))
+    static_dim = load_router(model2vec_router).embedding_dim
+    static_masks = write_masks(tmp_path / "static.safetensors", CLUSTERS, centroids(3, dim=static_dim, seed=9))
+    full, static = tmp_path / "full", tmp_path / "static"
+    assert cli("build", st_student, "--masks", full_masks, "--router-encoder", router_encoder, "--out", full, "-q")[0] == 0
+    assert cli("build", st_student, "--masks", static_masks, "--router-encoder", model2vec_router, "--out", static, "-q")[0] == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS[:6]) + "\n")
+    code, out, err = cli("compare-routers", full, static, "--samples", texts, "--runs", "3", "--json", tmp_path / "c.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "c.json").read_text())
+    picked = {b: [json.loads(cli("run", b, "--text", t)[1])["cluster_id"] for t in TEXTS[:6]] for b in (full, static)}
+    expected = float(np.mean(np.array(picked[full]) == np.array(picked[static])))
+    agreement = data["agreements"][0]
+    assert agreement["agreement"] == pytest.approx(expected) and sum(map(sum, agreement["confusion"])) == 6
+    assert np.trace(np.array(agreement["confusion"])) == round(expected * 6)
+    encoders = [r["encoder"] for r in data["routers"]]
+    assert encoders[0] == "transformer, 2 layers" and encoders[1].startswith("static embeddings (model2vec)")
+    assert data["routers"][1]["macs_per_token"] == 0 and all(r["p50_ms"] > 0 and r["share_of_dense"] > 0 for r in data["routers"])
+    assert "same cluster for" in out and "| bundle | router encoder |" in out
+    code, _, err = cli("compare-routers", full, static, "--target", "xnnpack")
+    assert code == 2 and "target 'xnnpack' not in this bundle" in err
