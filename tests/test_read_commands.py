@@ -27,7 +27,8 @@ def test_bench_json_refuses_to_write_inside_a_bundle(cli, bundle):
 def test_bench_json_writes_beside_the_bundle(cli, bundle, tmp_path):
     code, _, err = cli("bench", bundle, "--runs", "3", "--warmup", "0", "--sequence", "8", "--json", tmp_path / "bench.json")
     assert code == 0, err
-    assert {row["graph"] for row in json.loads((tmp_path / "bench.json").read_text())} >= {"router", "dense"}
+    report = json.loads((tmp_path / "bench.json").read_text())  # {"metadata", "graphs", "routed"}
+    assert {row["graph"] for row in report["graphs"]} >= {"router", "dense"} and report["metadata"]["target"] == "cpu"
 
 
 def test_run_says_when_it_cuts_a_long_text(cli, bundle):
