@@ -129,7 +129,7 @@ def main() -> None:
     static_target.write_text(cpu.replace("lowbit_min_cosine = 0.999", "lowbit_min_cosine = 0.998"))
     # The baselines are the dense export as exported and quantize_dynamic of it: no lowering steps.
     export_target = out / "cpu_export_only.toml"
-    export_target.write_text(cpu.replace('steps = ["lower_lowbit_integer", "fuse_attention"]', "steps = []"))
+    export_target.write_text(cpu.replace('steps = ["lower_lowbit_integer", "fuse_attention", "pack_qkv", "fuse_skip_norm"]', "steps = []"))
     manifests = {"fp32": build(minilm(), masks, out / "bundle_fp32", str(export_target)),
                  "fp32_fused": build(minilm(), masks, out / "bundle_fp32_fused", str(fused_target))}
     for name, student in students.items():

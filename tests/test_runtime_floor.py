@@ -33,7 +33,7 @@ def test_every_shipped_target_declares_a_known_floor():
 
 def test_a_step_newer_than_the_floor_is_rejected(tmp_path):
     path = tmp_path / "t.toml"
-    path.write_text(CPU.replace('steps = ["lower_lowbit_integer"]', 'steps = ["lower_lowbit_integer", "fuse_attention"]'))
+    path.write_text(CPU.replace('steps = ["lower_lowbit_integer"', 'steps = ["lower_lowbit_integer", "fuse_attention"'))
     with pytest.raises(InputError, match=r"key 'lowering.steps': expected steps that run on onnxruntime 1.20 .*"
                                          r"found 'fuse_attention', which needs onnxruntime >= 1.23"):
         load_target_file(path)
