@@ -147,3 +147,36 @@ def test_torch_pruned_float_student_compiles_as_float(cli, router_encoder, masks
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["student"]["precision"] == {"lowbit": None, "fp32": "every tensor"}
     assert all(r["passed"] for r in passed_rows(out)) and not manifest["targets"]["cpu"]["lowbit_graphs"]
+
+
+# --- item 15: centroids that coincide under the metric: one tie rule in torch and onnxruntime -----
+
+
+def test_coinciding_centroids_under_each_metric():
+    from edgecompile.reference.router import coinciding_centroids
+
+    c = np.random.default_rng(3).standard_normal(24).astype(np.float32)
+    zero = np.zeros(24, np.float32)
+    cosine = np.stack([c, 2 * c, 3 * c, c + 1e-3, zero, zero])
+    assert coinciding_centroids(cosine, "cosine").tolist() == [0, 0, 0, 3, 4, 4]
+    assert coinciding_centroids(np.stack([c, 2 * c, c.copy(), -c]), "l2").tolist() == [0, 1, 0, 3]
+
+
+@pytest.mark.parametrize("scale", [2.0, 3.0])
+def test_parallel_centroids_route_to_the_lowest_id_in_torch_and_onnxruntime(cli, st_student, router_encoder, tmp_path, scale):
+    from safetensors.numpy import load_file
+
+    from conftest import centroids
+    from factories import write_masks
+
+    c = centroids(1)[0]
+    masks = write_masks(tmp_path / "masks.safetensors", {0: gates(blocks=np.ones((LAYERS, 2))), 1: gates(blocks=[[0, 1], [1, 0]])},
+                        np.stack([c, np.float32(scale) * c]), metric="cosine")
+    out = tmp_path / "bundle"
+    code, _, err = cli_build(cli, st_student, masks, router_encoder, out, "-q")
+    assert code == 0, err  # before the rule, float rounding picked cluster 1 for some samples in one runtime only
+    rows = {(r["graph"], r["output"]): r for r in passed_rows(out)}
+    assert rows[("router", "cluster_id")]["agreement"] == 1.0 and rows[("end-to-end", "token_embeddings")]["passed"]
+    reference = load_file(str(out / "reference" / "outputs.safetensors"))
+    chosen = next(v for k, v in reference.items() if k.startswith("router") and "cluster_id" in k)
+    assert not chosen.any()  # torch: always the lowest id; onnxruntime agrees on every sample (row above)

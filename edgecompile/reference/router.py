@@ -5,6 +5,12 @@ layers) or a model2vec static-embedding table (`StaticSentenceEncoder`, model2ve
 
 Distances: `l2` is the Euclidean distance; `cosine` is 1 - cosine similarity. Ties go to the
 lowest cluster id (torch.argmin and ONNX ArgMin with select_last_index=0 agree on that).
+
+Centroids that coincide under the metric (the same direction for cosine, e.g. c and 2c; the same
+point for l2), to within TIE_TOLERANCE relative, tie for EVERY input, and which one wins would be
+decided by float rounding that torch and onnxruntime do differently. So they are one cluster for
+routing: the lowest id wins, the argmin runs over the other centroids only, and the later ones are
+never chosen (their distances are still reported).
 """
 
 from __future__ import annotations
@@ -17,6 +23,23 @@ from edgecompile.reference.student import StudentModule
 
 ROUTER_INPUT_NAMES = ("input_ids", "attention_mask")
 ROUTER_OUTPUT_NAMES = ("cluster_id", "distances")
+TIE_TOLERANCE = 1e-6  # about 8 float32 ulps: closer than the two runtimes' rounding can tell apart
+
+
+def coinciding_centroids(centroids: np.ndarray, metric: str) -> np.ndarray:
+    """For each centroid, the lowest id of a centroid it coincides with under `metric` (itself if none)."""
+    c = np.asarray(centroids, dtype=np.float64)
+    norms = np.linalg.norm(c, axis=1)
+    if metric == "cosine":
+        c = np.divide(c, norms[:, None], out=np.zeros_like(c), where=norms[:, None] > 0)
+        norms = np.ones_like(norms)  # unit vectors (a zero centroid stays zero)
+    owner = np.arange(len(c))
+    for k in range(1, len(c)):  # direct differences, no Gram-matrix cancellation; memory O(K * D)
+        gap = np.linalg.norm(c[:k] - c[k], axis=1)
+        close = np.flatnonzero(gap <= TIE_TOLERANCE * np.maximum(norms[:k], norms[k]))
+        if close.size:
+            owner[k] = owner[close[0]]
+    return owner
 
 
 class TransformerSentenceEncoder(nn.Module):
@@ -122,6 +145,9 @@ class RouterModule(nn.Module):
                 self.projection.weight.copy_(torch.from_numpy(projection_weight))
                 self.projection.bias.copy_(torch.from_numpy(projection_bias))
         self.output_names = ROUTER_OUTPUT_NAMES
+        owner = coinciding_centroids(centroids, metric)
+        self.never_chosen = [int(k) for k in np.flatnonzero(owner != np.arange(len(owner)))]
+        self.register_buffer("candidates", torch.from_numpy(np.flatnonzero(owner == np.arange(len(owner)))))
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         embedding = self.encoder(input_ids, attention_mask)
@@ -141,4 +167,6 @@ class RouterModule(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         distances = self.distances(self.embed(input_ids, attention_mask))
+        if self.never_chosen:  # coinciding centroids: the argmin over the lowest id of each only
+            return self.candidates[distances.index_select(1, self.candidates).argmin(dim=1)], distances
         return distances.argmin(dim=1), distances
