@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -54,24 +56,30 @@ def test_static_router_matches_model2vec_encode(model2vec_router):
     model = StaticModel.from_pretrained(str(model2vec_router))
     assert spec.kind == "static" and spec.embedding_dim == model.dim and spec.static["dtype"] == str(model.embedding.dtype)
     tokenizer = load_router_tokenizer(spec, spec.tokenization)
-    # the tokenization is model2vec's own, including the character pre-cut and dropping the unknown token
-    for max_length in (512, 8):
-        tokenization = spec.tokenization if max_length == 512 else type(spec.tokenization)(
-            False, max_length * spec.static["median_token_length"], spec.static["unk_id"])
-        ours = [s.input_ids.tolist() for s in encode_router(tokenizer, tokenization, TEXTS, max_length)]
-        assert ours == model.tokenize(TEXTS, max_length=max_length)
-    samples = encode_router(tokenizer, spec.tokenization, TEXTS, 512)
-    cents = centroids(3, dim=spec.embedding_dim, seed=4)
-    reference = model.encode(TEXTS)  # the peer implementation
     tolerance = 1e-5 if spec.static["dtype"] == "float32" else 2e-3  # model2vec rounds a float16 mean to float16
     import torch
 
-    router = RouterModule(load_static_encoder(model2vec_router), cents, "l2").eval()
-    with torch.no_grad():
-        for sample, expected in zip(samples, reference):
-            ids = torch.from_numpy(sample.input_ids)[None]
-            got = router.encoder(ids, torch.ones_like(ids))[0].numpy()
-            np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0)
+    router = RouterModule(load_static_encoder(model2vec_router), cents := centroids(3, dim=spec.embedding_dim, seed=4),
+                          "l2").eval()
+    # the tokenization is the installed model2vec's own: the character pre-cut, the token cut, and dropping the
+    # unknown token before (< 0.10) or after (>= 0.10) that cut; unknown tokens sit inside the first 8 tokens here
+    texts = TEXTS + ["🙂 漢字 🙂 a b c d e f g h i", "x 🙂 y 🙂 z 🙂 w v u t s r"]
+    for max_length in (512, 8):
+        tokenization = replace(spec.tokenization, truncate_characters=max_length * spec.static["median_token_length"])
+        samples = encode_router(tokenizer, tokenization, texts, max_length)
+        reference = model.encode(texts, max_length=max_length)  # the peer implementation
+        with torch.no_grad():
+            for text, sample, expected in zip(texts, samples, reference):
+                ids = torch.from_numpy(sample.input_ids)[None]
+                got = router.encoder(ids, torch.ones_like(ids))[0].numpy()
+                np.testing.assert_allclose(got, expected, atol=tolerance, rtol=0, err_msg=f"{text!r} at {max_length}")
+    unk = spec.static["unk_id"]
+    assert unk is not None and any(unk in e.ids[:8] for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    other = replace(spec.tokenization, drop_before_truncation=not spec.tokenization.drop_before_truncation)
+    assert [s.input_ids.tolist() for s in encode_router(tokenizer, other, texts, 8)] != [
+        s.input_ids.tolist() for s in encode_router(tokenizer, spec.tokenization, texts, 8)]  # the order matters here
+    samples = encode_router(tokenizer, spec.tokenization, TEXTS, 512)
+    reference = model.encode(TEXTS)
     cluster_id, distances = run_router(router_graph(router), samples)
     np.testing.assert_allclose(distances, l2_distances(reference, cents), atol=5 * tolerance, rtol=0)
     assert (cluster_id == l2_distances(reference, cents).argmin(axis=1)).all()

@@ -28,11 +28,25 @@ class Tokenization:
 
     special_tokens: bool = True  # [CLS] ... [SEP] (transformers) or none (model2vec)
     truncate_characters: int | None = None  # model2vec cuts the text to max_tokens * median token length first
-    drop_token_id: int | None = None  # model2vec drops the unknown token before truncating
+    drop_token_id: int | None = None  # model2vec drops the unknown token ...
+    drop_before_truncation: bool = True  # ... before cutting to max tokens (model2vec < 0.10) or after (>= 0.10)
 
     def to_dict(self) -> dict[str, Any]:
         return {"special_tokens": self.special_tokens, "truncate_characters": self.truncate_characters,
-                "drop_token_id": self.drop_token_id}
+                "drop_token_id": self.drop_token_id, "drop_before_truncation": self.drop_before_truncation}
+
+
+def model2vec_drops_before_truncation() -> bool:
+    """model2vec 0.10 moved truncation into the tokenizer, so the unknown token is dropped after the cut; the
+    build follows the installed release, whose `encode` is the reference the router is checked against."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("model2vec")) < Version("0.10")
+    except PackageNotFoundError:
+        return False  # the current release's rule
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,7 @@ def _load_static(path: Path) -> RouterSpec:
         raise input_error(weights, "tensor embeddings rows", f"{len(vocab)} (the tokenizer's vocabulary)", shape[0])
     static = {"dtype": dtype, "normalize": bool(config.get("normalize", False)), "unk_id": unk_id,
               "median_token_length": median, "token_weights": "weights" in names, "token_mapping": "mapping" in names}
-    tokenization = Tokenization(False, STATIC_MAX_TOKENS * median, unk_id)
+    tokenization = Tokenization(False, STATIC_MAX_TOKENS * median, unk_id, model2vec_drops_before_truncation())
     return RouterSpec(path, "static", int(shape[1]), weights, path, len(vocab), None, None, static, tokenization)
 
 
@@ -190,7 +204,8 @@ def encode_router(tokenizer, tokenization: Tokenization, texts, max_length: int)
     texts = [text[:cut] if cut else text for text in texts]
     out = []
     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-        ids = [i for i in encoding.ids if i != tokenization.drop_token_id][:max_length]
+        ids = encoding.ids if tokenization.drop_before_truncation else encoding.ids[:max_length]
+        ids = [i for i in ids if i != tokenization.drop_token_id][:max_length]
         array = np.asarray(ids, np.int64)
         out.append(Encoded(array, np.zeros_like(array)))
     return out
@@ -199,7 +214,8 @@ def encode_router(tokenizer, tokenization: Tokenization, texts, max_length: int)
 def tokenization_from_manifest(router: dict[str, Any]) -> Tokenization:
     """Bundles written before routers recorded their tokenization used transformers' tokenizers."""
     data = router.get("tokenization") or {}
-    return Tokenization(data.get("special_tokens", True), data.get("truncate_characters"), data.get("drop_token_id"))
+    return Tokenization(data.get("special_tokens", True), data.get("truncate_characters"), data.get("drop_token_id"),
+                        data.get("drop_before_truncation", True))
 
 
 
