@@ -180,7 +180,8 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
     from edgecompile.reference.student import GRAPH_PREFIX
 
     lowbit_modules = frozenset(GRAPH_PREFIX + p.module for p in models.lowbit.linears)
-    structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules)
+    structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules,
+                              bert_heads_present(spec))
     graphs = {"router": router, "dense": dense}
     dense_macs = macs_per_token(spec, kept_structure(spec, _all_kept(masks.clusters[0])))
     dense_entry = {"graph": "dense", "parameters": parameter_count(dense), "macs_per_token": dense_macs, "nodes": len(dense.graph)}
@@ -209,6 +210,12 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
             )
     return CompiledGraphs(graphs, dense_entry, entries,
                           router_entry(inputs.router, masks, parameter_count(router), len(router.graph)))
+
+
+def bert_heads_present(spec: StudentSpec) -> tuple[np.ndarray, ...]:
+    from edgecompile.families.bert import heads_present
+
+    return heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
 
 
 def _all_kept(template: ClusterMasks) -> ClusterMasks:
@@ -263,7 +270,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
             return []
         with progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
             return [check_integer_linears(target, name, lowered[name], g, quant_reference, masks_by_graph.get(name),
-                                          spec.head_size, models.student_samples, request.threads)
+                                          spec.head_size, models.student_samples, request.threads, bert_heads_present(spec))
                     for name, g in groups.items()]
 
     def build_one(target: Target, root: Path):

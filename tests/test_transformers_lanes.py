@@ -135,7 +135,6 @@ def test_wrong_tensor_shape_is_named(cli, tmp_path, st_student, router_encoder, 
         ("is_decoder", True, "expected an encoder"),
         ("add_cross_attention", True, "no cross-attention"),
         ("chunk_size_feed_forward", 4, "unchunked), found 4"),
-        ("pruned_heads", {"0": [1]}, "prune with --masks"),
         ("quantization_config", {"quant_method": "bitsandbytes", "load_in_8bit": True}, "a float checkpoint"),
     ],
 )

@@ -4,7 +4,8 @@ MACs per token are counted for one sequence of `sequence` tokens and divided by 
 weight projections (Q/K/V, attention output, FFN) per token, attention scores and context
 (2 * sequence * kept_heads * head_size per layer per token), plus pooler / classifier once per
 sequence. `linear_macs_from_graph` counts the projections actually present in a graph, so tests
-can check the rewrite against this structural count.
+can check the rewrite against this structural count. Heads a checkpoint already lacks (saved after
+`prune_heads`) are never counted as kept, whatever their gate.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from edgecompile.numerics import kept_units
 
 
 def kept_structure(spec: StudentSpec, masks: ClusterMasks) -> dict[str, Any]:
+    """Per layer: blocks on, heads kept (original ids), neurons kept, soft gates; and the totals."""
+    from edgecompile.families.bert import heads_present
+
+    present = heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
     layers = []
     for i in range(spec.num_layers):
         attention_on = masks.blocks[i, 0] != 0
         ffn_on = masks.blocks[i, 1] != 0
-        heads = [int(h) for h in kept_units(masks.heads[i])] if attention_on else []
+        head_gates = masks.heads[i][present[i]]
+        heads = [int(h) for h in present[i][kept_units(head_gates)]] if attention_on else []
         neurons = len(kept_units(masks.neurons[i])) if ffn_on else 0
         soft = {
             "attention_scale": float(masks.blocks[i, 0]) if attention_on and masks.blocks[i, 0] != 1 else None,
             "ffn_scale": float(masks.blocks[i, 1]) if ffn_on and masks.blocks[i, 1] != 1 else None,
-            "soft_heads": int(np.count_nonzero((masks.heads[i] != 0) & (masks.heads[i] != 1))) if attention_on else 0,
+            "soft_heads": int(np.count_nonzero((head_gates != 0) & (head_gates != 1))) if attention_on else 0,
             "soft_neurons": int(np.count_nonzero((masks.neurons[i] != 0) & (masks.neurons[i] != 1))) if ffn_on else 0,
         }
         layers.append(

@@ -8,11 +8,14 @@ is captured and given to the reference `QuantLinear`; the activation codes must 
 the outputs must agree within the target's strict `max_relative_error` (only float rescaling may
 differ). Pruned clusters are handled by scattering the kept input features back to full width
 (removed features are exactly 0 in the reference, as its gates make them) and slicing the outputs.
+A checkpoint saved after `prune_heads` holds only `heads_present[layer]` (original head ids): the
+reference Linears have that width too, so a head mask is read at those ids.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,13 +36,15 @@ from edgecompile.inputs.tokens import Encoded
 _ROLE = re.compile(r"\.layer\.(\d+)\.(attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$")
 
 
-def _projection(module: str, masks: ClusterMasks | None, head_size: int) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+def _projection(module: str, masks: ClusterMasks | None, head_size: int,
+                heads_present: Sequence[np.ndarray] | None) -> tuple[np.ndarray | None, np.ndarray | None, float]:
     """(kept input features, kept output features, output scale) of one Linear in a cluster."""
     match = _ROLE.search(module)
     if masks is None or match is None:
         return None, None, 1.0
     layer, role = int(match.group(1)), match.group(2)
-    heads = unit_features(kept_units(masks.heads[layer]), head_size)
+    head_gates = masks.heads[layer] if heads_present is None else masks.heads[layer][heads_present[layer]]
+    heads = unit_features(kept_units(head_gates), head_size)
     neurons = kept_units(masks.neurons[layer])
     if role.startswith("attention.self"):
         return None, heads, 1.0
@@ -60,6 +65,7 @@ def check_integer_linears(
     head_size: int,
     samples: list[Encoded],
     threads: int = 0,
+    heads_present: Sequence[np.ndarray] | None = None,
 ) -> Comparison:
     debug = model.clone()
     nodes = {n.name: n for n in debug.graph}
@@ -100,7 +106,7 @@ def check_integer_linears(
                 expected_codes, outputs = None, []
                 for module, name in zip(group["modules"], quant_names):
                     linear = reference[name]
-                    kept_in, kept_out, out_scale = _projection(module, masks, head_size)
+                    kept_in, kept_out, out_scale = _projection(module, masks, head_size, heads_present)
                     full = np.zeros(x.shape[:-1] + (linear.in_features,), np.float32)
                     if kept_in is None:
                         full[...] = x

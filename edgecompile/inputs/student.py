@@ -144,19 +144,22 @@ def _check_bert_config(config_path: Path, config: Any, allowed: tuple[str, ...])
             f"{config['hidden_size']} / {config['num_attention_heads']}",
         )
     _refuse_unimplemented(config_path, config, BERT_FIELDS_NOT_IMPLEMENTED)
+    from edgecompile.families.bert import check_pruned_heads
+
+    check_pruned_heads(config_path, config)  # implemented on both majors (families/bert.py), checked there
     return architecture
 
 
 # Fields a BERT config may carry (saved by transformers 4.x or 5.x) that change the model but that the
 # BERT export and passes do not implement: each is refused by name rather than compiled into a
-# different model. (transformers 5 drops relative positions and head pruning altogether; 4.57 would
-# load them, so both lanes refuse them here.) Entries: key, accepted(value), what is accepted.
+# different model. (transformers 5 drops relative positions altogether; 4.57 would load them, so both
+# lanes refuse them here. `pruned_heads`, which 5 drops too, is implemented.) Entries: key,
+# accepted(value), what is accepted.
 BERT_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'"),
     ("is_decoder", lambda v: not v, "an encoder (false)"),
     ("add_cross_attention", lambda v: not v, "no cross-attention (false)"),
     ("chunk_size_feed_forward", lambda v: not v, "0 (the FFN is exported unchunked)"),
-    ("pruned_heads", lambda v: not v, "none (every layer keeps num_attention_heads; prune with --masks)"),
     ("quantization_config", lambda v: v is None, "none (a float checkpoint)"),
 )
 

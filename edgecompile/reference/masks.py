@@ -13,6 +13,9 @@ module says which Linears to wrap (its `gated_linears`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,11 +39,16 @@ class GatedLinear(nn.Module):
 
 
 class ModelGates:
-    """Installs GatedLinear on every layer's attention output and FFN output projection."""
+    """Installs GatedLinear on every layer's attention output and FFN output projection.
 
-    def __init__(self, sites: GatedSites, head_size: int) -> None:
+    `heads_present[i]` (optional): the mask's head ids that layer i's projection holds, in order
+    (a checkpoint may already lack some heads); a gate of a head it lacks has nothing to scale.
+    """
+
+    def __init__(self, sites: GatedSites, head_size: int, heads_present: Sequence[np.ndarray] | None = None) -> None:
         self.sites = sites
         self.head_size = head_size
+        self.heads_present = heads_present
         for pair in sites:
             for parent, name in pair:
                 if not isinstance(getattr(parent, name), GatedLinear):
@@ -56,7 +64,8 @@ class ModelGates:
             attention, ffn = self.layer(i)
             attention.output_gate.fill_(float(masks.blocks[i, 0]))
             ffn.output_gate.fill_(float(masks.blocks[i, 1]))
-            heads = torch.from_numpy(masks.heads[i]).to(attention.input_gate.dtype)
+            gates = masks.heads[i] if self.heads_present is None else masks.heads[i][self.heads_present[i]]
+            heads = torch.from_numpy(np.ascontiguousarray(gates)).to(attention.input_gate.dtype)
             attention.input_gate.copy_(heads.repeat_interleave(self.head_size))
             ffn.input_gate.copy_(torch.from_numpy(masks.neurons[i]).to(ffn.input_gate.dtype))
 

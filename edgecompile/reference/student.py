@@ -144,17 +144,21 @@ def load_student_module(spec: StudentSpec) -> StudentModule:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # transformers 5 draws one per load on stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from edgecompile.families.bert import load_pruned_attention, loading_config
+
     weights = spec.transformer_dir / "model.safetensors"
+    kwargs = dict(_load_kwargs(), **loading_config(spec.transformer_dir, spec.config))  # a prune_heads checkpoint: full width first
     try:
         if spec.family == "bert-sequence-classification":
-            model, info = BertForSequenceClassification.from_pretrained(str(spec.transformer_dir), **_load_kwargs())
+            model, info = BertForSequenceClassification.from_pretrained(str(spec.transformer_dir), **kwargs)
         else:
-            model, info = BertModel.from_pretrained(
-                str(spec.transformer_dir), add_pooling_layer=spec.has_pooler, **_load_kwargs()
-            )
+            model, info = BertModel.from_pretrained(str(spec.transformer_dir), add_pooling_layer=spec.has_pooler, **kwargs)
     except Exception as exc:
         raise InputError(f"{weights}: cannot load into {spec.architecture} ({one_line(exc)})") from None
+    bert = model.bert if spec.family == "bert-sequence-classification" else model
+    narrowed = load_pruned_attention(model, bert, weights, spec.config.get("pruned_heads"))
     missing, mismatched = _loading_report(info, model, weights)
+    mismatched = [m for m in mismatched if m[0] not in narrowed]
     if mismatched:
         name, found, expected = mismatched[0]
         raise InputError(f"{weights}: tensor {name}: expected shape {expected}, found {found}")
