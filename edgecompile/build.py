@@ -183,8 +183,10 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
     structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules,
                               bert_heads_present(spec))
     graphs = {"router": router, "dense": dense}
-    dense_macs = macs_per_token(spec, kept_structure(spec, _all_kept(masks.clusters[0])))
-    dense_entry = {"graph": "dense", "parameters": parameter_count(dense), "macs_per_token": dense_macs, "nodes": len(dense.graph)}
+    dense_kept = kept_structure(spec, _all_kept(masks.clusters[0]))
+    dense_macs = macs_per_token(spec, dense_kept)
+    dense_entry = {"graph": "dense", "parameters": parameter_count(dense), "macs_per_token": dense_macs, "nodes": len(dense.graph),
+                   "kept": dense_kept}
     entries = []
     with progress.step(f"rewriting {masks.num_clusters} clusters"):
         for cluster in masks.clusters:
@@ -218,6 +220,19 @@ def bert_heads_present(spec: StudentSpec) -> tuple[np.ndarray, ...]:
     return heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
 
 
+def note_pruned_heads(spec: StudentSpec, masks: MaskSet, progress: Progress) -> None:
+    """Say which heads the checkpoint already lacks, and which clusters' gates for them have nothing to act on."""
+    from edgecompile.families.bert import parse_pruned_heads
+
+    pruned = parse_pruned_heads(spec.config.get("pruned_heads"))
+    if not pruned:
+        return
+    listed = "; ".join(f"layer {layer}: {', '.join(map(str, heads))}" for layer, heads in sorted(pruned.items()))
+    gated = [c.index for c in masks.clusters if any(np.any(c.heads[layer, list(heads)] != 0) for layer, heads in pruned.items())]
+    progress.note(f"the checkpoint was saved after prune_heads ({listed}): those heads are absent from every graph"
+                  + (f"; non-zero gates for them (clusters {', '.join(map(str, gated))}) have nothing to act on" if gated else ""))
+
+
 def _all_kept(template: ClusterMasks) -> ClusterMasks:
     return ClusterMasks(-1, np.ones_like(template.blocks), np.ones_like(template.heads), np.ones_like(template.neurons))
 
@@ -243,6 +258,8 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         progress.note(f"router {inputs.router.name}: {inputs.router.description}, width {inputs.router.embedding_dim}; "
                       + ("the masks file names this router" if inputs.router_checked else
                          "the masks file names no router (metadata router.encoder.*): centroids not checked against it"))
+        if not spec.is_decoder:
+            note_pruned_heads(spec, masks, progress)
     if spec.is_decoder:
         from edgecompile.build_decoder import build_decoder
 

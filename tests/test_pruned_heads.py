@@ -213,6 +213,42 @@ def test_pruned_checkpoint_matches_transformers_own_prune_heads(built):
             assert_within_cpu_tolerances(onnx_outputs(bundle, graph, encoded), forward(peer, family, encoded), f"{graph} {text!r}")
 
 
+def test_graphs_manifest_and_inspect_hold_only_the_heads_present(built, cli):
+    from edgecompile.bundle.accounting import linear_macs_from_graph
+    import onnx_ir as ir
+
+    family, _, _, bundle = built
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["student"]["pruned_heads"] == {"0": [1, 3], "1": [2]} and manifest["student"]["heads"] == HEADS
+    assert [layer["heads"] for layer in manifest["dense"]["kept"]["layers"]] == [[0, 2], [0, 1, 3]]
+    assert manifest["dense"]["kept"]["heads_kept"] == 5
+    for entry in manifest["clusters"]:
+        kept = entry["kept"]
+        assert [layer["heads"] for layer in kept["layers"]] == EXPECTED_HEADS[entry["id"]], entry["id"]
+        assert kept["heads_kept"] == sum(map(len, EXPECTED_HEADS[entry["id"]]))
+    cluster_3 = manifest["clusters"][3]["kept"]["layers"]
+    assert cluster_3[0]["soft_heads"] == 1 and cluster_3[1]["soft_heads"] == 1
+    # MACs count what the graphs hold: the projections in each graph add up to the manifest's figure
+    for entry in [manifest["dense"], *manifest["clusters"]]:
+        graph = ir.load(str(bundle / "cpu" / f"{entry['graph']}.onnx"))
+        assert linear_macs_from_graph(graph) == entry["macs_per_token"]["linear"], entry["graph"]
+    code, out, _ = cli("inspect", bundle)
+    assert code == 0 and "layer 0 lacks heads 1,3 (pruned_heads); layer 1 lacks heads 2 (pruned_heads)" in out
+    rows = {line.split()[0] + line.split()[1]: line.split() for line in out.splitlines() if line.startswith(("dense ", "cluster "))}
+    assert rows["dense2/2"][3] == "5" and rows["cluster1"][4] == "2" and rows["cluster0"][4] == "5"
+
+
+def test_build_says_which_heads_the_checkpoint_lacks_and_which_gates_act_on_nothing(cli, tmp_path, router_encoder):
+    student = prune_by_slicing(make_bert(tmp_path / "original", family="st", seed=46), tmp_path / "pruned", PRUNED)
+    # cluster 0 gates the absent heads (layer 0: 1, 3; layer 1: 2) at 1; cluster 1 gates them at 0
+    clusters = {0: gates(heads=CLUSTERS[1]), 1: gates(heads=[[1, 0, 1, 0], [1, 1, 0, 1]])}
+    masks = write_masks(tmp_path / "masks.safetensors", clusters, centroids(2))
+    code, out, err = cli("build", student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "bundle")
+    assert code == 0, err
+    assert ("the checkpoint was saved after prune_heads (layer 0: 1, 3; layer 1: 2): those heads are absent from every graph; "
+            "non-zero gates for them (clusters 0) have nothing to act on") in out + err
+
+
 @needs_transformers_4
 @pytest.mark.parametrize("family", ["bert", "seqcls"])
 def test_sliced_checkpoint_is_what_transformers_saves(tmp_path, family):

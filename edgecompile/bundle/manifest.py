@@ -74,6 +74,7 @@ def build_manifest(
             "architecture": spec.architecture,
             "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
             "layers": spec.num_layers, "heads": spec.num_heads, "head_size": spec.head_size,
+            **pruned_heads_entry(spec.config),
             "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
             "outputs": list(models.student.output_names),
             **({"pooling": spec.pooling_mode, "normalize": spec.normalize} if spec.family == "sentence-transformers" else {}),
@@ -95,6 +96,14 @@ def build_manifest(
         "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
         "files": files,
     }
+
+
+def pruned_heads_entry(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint saved after prune_heads lacks these heads (original ids) in every graph, whatever the masks say."""
+    from edgecompile.families.bert import parse_pruned_heads
+
+    pruned = parse_pruned_heads(config.get("pruned_heads"))
+    return {"pruned_heads": {str(layer): list(heads) for layer, heads in sorted(pruned.items())}} if pruned else {}
 
 
 def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, Any]:

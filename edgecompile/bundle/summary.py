@@ -37,7 +37,8 @@ def bundle_summary(bundle: Bundle) -> str:
         f"onnxruntime {tool['onnxruntime']}, exported at opset {m['export_opset']}; each target's own opset below)",
         f"student  {s['name']}: {s['architecture']} ({s['family']}), {s['layers']} layers x {s['heads']} heads"
         f"{' (%d KV heads)' % s['kv_heads'] if 'kv_heads' in s else ''}, "
-        f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}",
+        f"hidden {s['hidden_size']}, FFN {s['intermediate_size']}; outputs {', '.join(s['outputs'])}"
+        + "".join(f"; layer {layer} lacks heads {','.join(map(str, heads))} (pruned_heads)" for layer, heads in s.get("pruned_heads", {}).items()),
         f"router   {r['name']}: {r['pooling']} pooling{', normalized' if r['normalize'] else ''}"
         f"{', projection ' + 'x'.join(map(str, r['projection'])) if r['projection'] else ''}; "
         f"{r['metric']} distance to {r['clusters']} centroids; ties -> {r['tie_break']}"
@@ -83,7 +84,8 @@ def bundle_summary(bundle: Bundle) -> str:
     layers = s["layers"]
     columns = ["graph", "attention", "ffn", "heads", "neurons", "params", "MMACs/tok", "vs dense"] + [f"MB {t}" for t in targets]
     rows = [[
-        "dense", f"{layers}/{layers}", f"{layers}/{layers}", str(layers * s["heads"]), str(layers * s["intermediate_size"]),
+        "dense", f"{layers}/{layers}", f"{layers}/{layers}", str(d["kept"]["heads_kept"] if "kept" in d else layers * s["heads"]),
+        str(layers * s["intermediate_size"]),
         _millions(d["parameters"]), f"{d['macs_per_token'][macs_key] / 1e6:.2f}", "1.00",
     ] + [f"{d['bytes'][t] / 1e6:.1f}" for t in targets]]
     if "macs_per_token" in r:  # bundles from before routers recorded their cost have no router row
