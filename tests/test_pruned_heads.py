@@ -329,3 +329,19 @@ def test_checkpoint_with_every_head_of_a_layer_pruned_is_one_line(cli, tmp_path,
     assert_one_line_error(cli("build", student, "--masks", masks, "--router-encoder", router_encoder, "--out", out, "-q"),
                           "config.json", "'pruned_heads'['0']", "at least one of the layer's 4 heads left", "all 4 pruned")
     assert not out.exists()
+
+
+@needs_transformers_4
+def test_pruning_in_two_steps_saves_what_pruning_once_does(tmp_path):
+    """prune_heads on a loaded pruned checkpoint takes original ids too and unions config.json's lists
+    (possibly unsorted): the tensors hold the remaining heads in ascending original order either way."""
+    from safetensors.torch import load_file
+
+    original = make_bert(tmp_path / "original", family="bert", seed=47)
+    once = prune_by_slicing(original, tmp_path / "once", {0: [1, 3], 1: [2]})
+    first = prune_by_transformers(original, tmp_path / "first", {0: [3]})
+    twice = prune_by_transformers(first, tmp_path / "twice", {0: [1], 1: [2]})
+    a, b = load_file(str(once / "model.safetensors")), load_file(str(twice / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[name], b[name]) for name in a)
+    saved = json.loads((twice / "config.json").read_text())["pruned_heads"]
+    assert {k: sorted(v) for k, v in saved.items()} == {"0": [1, 3], "1": [2]}
