@@ -33,6 +33,7 @@ class DecoderModels:
     router_samples: list
     prompts: list[list[int]]
     eos: frozenset[int]
+    extra_heads: list  # multi-token prediction: transformers LlamaDecoderLayers of the extra heads
 
 
 def check_targets(targets) -> None:
@@ -55,6 +56,7 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
 
     from edgecompile.build import load_router
     from edgecompile.families.llama import LlamaDims, load_reference, load_weights
+    from edgecompile.families.mtp import load_extra_heads
     from edgecompile.inputs.student import WEIGHTS_FILE
     from edgecompile.inputs.tokens import load_tokenizer
 
@@ -74,8 +76,9 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
                               f"at most {dims.max_positions - NEW_TOKENS} (max_position_embeddings {dims.max_positions} "
                               f"less the {NEW_TOKENS} tokens parity generates)", len(prompt))
     reference = load_reference(spec.transformer_dir)
+    extra_heads = load_extra_heads(reference, weights, dims.extra_heads)
     router, _, router_max, router_samples = load_router(inputs)
-    return DecoderModels(dims, weights, reference, router, router_max, router_samples, prompts, eos_ids(spec.config))
+    return DecoderModels(dims, weights, reference, router, router_max, router_samples, prompts, eos_ids(spec.config), extra_heads)
 
 
 def all_kept(masks: ClusterMasks) -> ClusterMasks:
@@ -141,6 +144,7 @@ def compile_decoder_graphs(inputs: Any, models: DecoderModels, progress: Progres
 def reference_outputs(inputs: Any, models: DecoderModels, progress: Progress) -> dict[str, dict[str, list[np.ndarray]]]:
     """Per graph and prompt: prefill logits and greedy tokens of transformers' model with the cluster's gates."""
     from edgecompile.check.generation import reference_greedy
+    from edgecompile.families.mtp import head_logits
     from edgecompile.families.llama import gated_linears
     from edgecompile.reference.evaluate import router_outputs
     from edgecompile.reference.masks import ModelGates
@@ -153,12 +157,16 @@ def reference_outputs(inputs: Any, models: DecoderModels, progress: Progress) ->
             name = "dense" if cluster.index < 0 else f"cluster_{cluster.index}"
             progress.note(f"{name}: {len(models.prompts)} prompts, {NEW_TOKENS} greedy tokens each")
             gates.set(cluster)
-            prefill, tokens = [], []
+            heads = ["logits"] + [f"logits_{j + 1}" for j in range(len(models.extra_heads))]
+            outputs: dict[str, list[np.ndarray]] = {f"prefill_{head}": [] for head in heads}
+            outputs["greedy_tokens"] = []
             for prompt in models.prompts:
                 logits, generated = reference_greedy(models.reference, prompt, NEW_TOKENS, models.eos)
-                prefill.append(logits)
-                tokens.append(np.array(generated, np.int64))
-            result[name] = {"prefill_logits": prefill, "greedy_tokens": tokens}
+                every_head = head_logits(models.reference, models.extra_heads, prompt) if models.extra_heads else [logits]
+                for head, value in zip(heads, every_head):
+                    outputs[f"prefill_{head}"].append(value)
+                outputs["greedy_tokens"].append(np.array(generated, np.int64))
+            result[name] = outputs
     finally:
         gates.remove()
     result["router"] = router_outputs(models.router, models.router_samples)
@@ -184,8 +192,13 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
     with progress.step(f"placement on '{target.name}' ({target.placement_checker})"):
         placements = [placement_of(folder / files[name], target, name) for name in lowered]
     with progress.step(f"parity on '{target.name}' (prefill logits; greedy tokens via onnxruntime and onnxruntime-genai)"):
+        speculation: dict[str, dict[str, float]] = {}
         result = check_decoder_target(target, folder, list(lowered), reference, models.prompts, models.router_samples,
-                                      models.eos, NEW_TOKENS, threads, progress=lambda graph: progress.note(f"running {graph}"))
+                                      models.eos, NEW_TOKENS, threads, progress=lambda graph: progress.note(f"running {graph}"),
+                                      speculation=speculation)
+        for graph, stats in speculation.items():
+            progress.note(f"{graph}: speculative decoding on the parity prompts: acceptance {stats['acceptance_rate']:.2f}, "
+                          f"{stats['tokens_per_pass']:.2f} tokens per forward pass")
     entry = {
         "provider": target.provider,
         "parity_executed_on": f"{target.provider}, executed on this machine (onnxruntime and onnxruntime-genai)",
@@ -197,6 +210,7 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
         "placement": {p.graph: p.to_dict() for p in placements},
         "lowbit_graphs": [],
         "lowering": lowering,
+        **({"speculative_on_parity_prompts": speculation} if speculation else {}),
     }
     return TargetOutcome(entry, result, needs)
 

@@ -96,9 +96,12 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 @click.option("--text", default=None, help="Encoder bundles: the input to route and run.")
 @click.option("--prompt", default=None, help="Decoder bundles: the prompt to route and continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Decoder bundles: tokens to generate.")
+@click.option("--speculative", is_flag=True, help="Decoder bundles with multi-token-prediction heads: draft with the extra heads, "
+              "verify with the next-token head (tokens identical to greedy); prints acceptance and speed-up.")
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
-def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: int, target: str | None, threads: int) -> None:
+def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: int, speculative: bool, target: str | None,
+        threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON.
 
     Encoder bundles take --text and print the cluster's outputs; a text longer than a model's
@@ -114,10 +117,12 @@ def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: 
     given, needed = ("--prompt", "--text") if decoder else ("--text", "--prompt")
     if (prompt if decoder else text) is None or (text if decoder else prompt) is not None:
         raise click.UsageError(f"this is {'a decoder' if decoder else 'an encoder'} bundle: give {given} (not {needed})")
+    if speculative and not decoder:
+        raise click.UsageError("--speculative: this is an encoder bundle; speculative decoding is for decoder bundles")
     if decoder:
         from edgecompile.serve.generate import route_and_generate
 
-        click.echo(json.dumps(route_and_generate(bundle, prompt, max_new_tokens, target, threads)))
+        click.echo(json.dumps(route_and_generate(bundle, prompt, max_new_tokens, target, threads, speculative)))
         return
     result = route_and_run(bundle, text, target, threads)
     if warning := truncation_warning(result):
@@ -155,10 +160,17 @@ def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
 @click.option("--samples", type=_existing(), default=None, help="Texts for the routed timing, one per line [default: the build's samples].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report (with its metadata) as JSON here, and the plot beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write the plot (latency and MACs per graph, routed vs dense) to this PNG.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Decoder bundles: prompt length.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True, help="Decoder bundles: tokens generated per run.")
 def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int | None, threads: int, runs: int,
-          warmup: int, samples: Path | None, json_path: Path | None, plot_path: Path | None) -> None:
+          warmup: int, samples: Path | None, json_path: Path | None, plot_path: Path | None, prompt_tokens: int,
+          new_tokens: int) -> None:
     """p50/p90 latency of every graph beside the dense export, and routed latency (router + the cluster it
-    picks, per input) against dense on real texts."""
+    picks, per input) against dense on real texts.
+
+    Decoder bundles: prefill ms and decode ms per token of every graph (greedy, onnxruntime), with
+    speculative decoding for graphs that have multi-token-prediction heads; --runs rounds (default 5).
+    """
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.bench import bench_bundle, bench_table, write_plot
 
@@ -169,6 +181,18 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
         if path is not None and (bundle := _enclosing_bundle(path, bundle_dir)):
             raise InputError(f"{path}: {option}: expected a path outside any bundle, found one inside the bundle {bundle}")
     bundle = load_bundle(bundle_dir)
+    if bundle.manifest["student"].get("task") == "causal-lm":
+        from dataclasses import asdict
+
+        from edgecompile.serve.bench_decoder import bench_decoder_bundle, decoder_bench_table
+
+        runs = runs if click.get_current_context().get_parameter_source("runs").name != "DEFAULT" else 5
+        rows = bench_decoder_bundle(bundle, target, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
+                                    runs=runs, warmup=min(warmup, 1))
+        click.echo(decoder_bench_table(rows, prompt_tokens, new_tokens, threads, target or bundle.targets[0]))
+        if json_path:
+            _write_atomically(json_path, json.dumps({"graphs": [asdict(r) for r in rows]}, indent=2) + "\n")
+        return
     report = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup,
                           samples=samples)
     click.echo(bench_table(report))

@@ -221,3 +221,34 @@ def make_model2vec(directory: Path, source: Path, quantize_to: str = "float32") 
     logging.getLogger("model2vec").setLevel(logging.ERROR)
     distill(str(source), pca_dims=None, quantize_to=quantize_to).save_pretrained(str(directory))
     return Path(directory)
+
+
+def add_mtp_heads(directory: Path, n_future_tokens: int, *, copies: bool = False, predict_well: bool = False, seed: int = 0) -> Path:
+    """Turn a make_llama checkpoint into the multi-token-prediction contract: `extra_heads.{j}.*` tensors
+    (LlamaDecoderLayer names) and `n_future_tokens` in config.json.
+
+    copies: extra heads are copies of head 0 (layer L-1); otherwise head 0 plus noise.
+    predict_well: every branch's output projection zeroed and the unembedding tied to the embedding, so
+    each head predicts the current token again; with copies, every draft is right (acceptance 1).
+    """
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    tensors = load_file(str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    last = f"model.layers.{config['num_hidden_layers'] - 1}."
+    generator = torch.Generator().manual_seed(seed)
+    for j in range(n_future_tokens - 1):
+        for name, value in list(tensors.items()):
+            if name.startswith(last):
+                noise = 0 if copies else torch.randn(value.shape, generator=generator) * 0.05
+                tensors[f"extra_heads.{j}." + name[len(last):]] = value.clone() + noise
+    if predict_well:
+        for name in tensors:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[name] = torch.zeros_like(tensors[name])
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config["n_future_tokens"] = n_future_tokens
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory

@@ -171,9 +171,27 @@ def build_decoder_manifest(
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "generation": {"parity_new_tokens": new_tokens, "decoding": "greedy", "stops_on": "eos_token_ids or the token budget"},
+        **({"multi_token_prediction": multi_token_prediction(dims)} if dims.extra_heads else {}),
         "dense": with_files(entries[0]),
         "clusters": [with_files(entry) for entry in entries[1:]],
         "targets": target_entries,
         "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
         "files": files,
+    }
+
+
+def multi_token_prediction(dims: Any) -> dict[str, Any]:
+    """What an app needs to run the heads: which output predicts which token, and each head layer's KV cache."""
+    last = dims.layers - 1
+    heads = [{"output": "logits", "predicts": "token t+1", "layer": f"model.layers.{last}", "kv_index": last}]
+    heads += [{"output": f"logits_{j + 1}", "predicts": f"token t+{j + 2}", "layer": f"extra_heads.{j}", "kv_index": dims.layers + j}
+              for j in range(dims.extra_heads)]
+    return {
+        "n_future_tokens": dims.extra_heads + 1,
+        "trunk_layers": f"model.layers.0 .. model.layers.{last - 1} (run once per pass; every head reads their output)",
+        "heads": heads,
+        "kv_layout": "past_key_values.{kv_index}.key|value / present.{kv_index}.key|value, "
+                     f"[batch, kv_heads, sequence, head_dim] like the trunk's; extra heads are never pruned",
+        "speculative_decoding": "edgecompile run --speculative: feed the pending token and the extra heads' drafts in one "
+                                "pass, keep the prefix head 0 confirms, cut every KV cache back to it",
     }

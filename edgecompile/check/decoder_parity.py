@@ -1,8 +1,9 @@
 """Parity of a decoder target folder, on exactly the files that ship (used by `build` and `verify`).
 
-Per graph and prompt: prefill logits against the PyTorch reference (the target's tolerances), and
-greedy tokens through `edgecompile run`'s onnxruntime loop and through onnxruntime-genai loading the
-folder, which must be identical to the reference's. The router is checked as for encoders, and the
+Per graph and prompt: prefill logits of every head against the PyTorch reference (the target's
+tolerances), and greedy tokens through `edgecompile run`'s onnxruntime loop and through
+onnxruntime-genai loading the folder, which must be identical to the reference's; graphs with
+multi-token-prediction heads also decode speculatively, which must give the same tokens. The router is checked as for encoders, and the
 end-to-end row decodes each prompt with the cluster the ONNX router picked.
 """
 
@@ -18,12 +19,16 @@ from edgecompile.check.generation import compare_tokens, genai_greedy, genai_mod
 from edgecompile.check.parity import TargetParity, compare, compare_router, run_graph
 from edgecompile.serve.generate import empty_cache, greedy
 from edgecompile.serve.runtime import create_session
+from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
 
 
 def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference: dict[str, Any], prompts: list[list[int]],
                          router_samples: list, eos: frozenset[int], new_tokens: int, threads: int = 0,
-                         progress=None) -> TargetParity:
-    """Parity of one decoder target folder, on exactly the files that ship."""
+                         progress=None, speculation: dict[str, dict[str, float]] | None = None) -> TargetParity:
+    """Parity of one decoder target folder, on exactly the files that ship.
+
+    `speculation`, when given, receives per graph with extra heads its acceptance rate and tokens per pass.
+    """
     rows = []
     tokens_ort: dict[str, list[list[int]]] = {}
     for graph in graphs:
@@ -34,15 +39,29 @@ def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference
             rows += compare_router(target, reference["router"], onnx_router)
             continue
         session = create_session(folder / DECODER_FOLDER / f"{graph}.onnx", target, threads)
-        prefill = []
+        heads = ["logits"] + extra_head_outputs(session)
+        prefill: dict[str, list[np.ndarray]] = {head: [] for head in heads}
         for prompt in prompts:
             ids = np.array([prompt], np.int64)
             feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)}
-            prefill.append(session.run(["logits"], feed)[0][0])
-        rows.append(compare(target, graph, "prefill_logits", reference[graph]["prefill_logits"], prefill))
+            for head, value in zip(heads, session.run(heads, feed)):
+                prefill[head].append(value[0])
+        for head in heads:
+            output = "prefill_" + head
+            rows.append(compare(target, graph, output, reference[graph][output], prefill[head]))
         refs = [list(map(int, t)) for t in reference[graph]["greedy_tokens"]]
         tokens_ort[graph] = [greedy(session, p, new_tokens, eos).tokens for p in prompts]
         rows.append(compare_tokens(target.name, graph, "onnxruntime", refs, tokens_ort[graph]))
+        if len(heads) > 1:
+            runs = [speculative_greedy(session, p, new_tokens, eos) for p in prompts]
+            rows.append(compare_tokens(target.name, graph, "speculative, onnxruntime", refs, [r.tokens for r in runs]))
+            if speculation is not None:
+                drafted = sum(r.drafted for r in runs)
+                passes = sum(r.forward_passes - 1 for r in runs)
+                speculation[graph] = {
+                    "acceptance_rate": round(sum(r.accepted for r in runs) / drafted, 4) if drafted else 0.0,
+                    "tokens_per_pass": round(sum(len(r.tokens) - 1 for r in runs) / passes, 4) if passes else 0.0,
+                }
         model = genai_model(folder / DECODER_FOLDER, graph)
         rows.append(compare_tokens(target.name, graph, "onnxruntime-genai", refs,
                                    [genai_greedy(model, p, new_tokens) for p in prompts]))

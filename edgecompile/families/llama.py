@@ -458,12 +458,17 @@ def kept_structure(dims: LlamaDims, blocks: np.ndarray, heads: np.ndarray, neuro
 
 
 def macs_per_token(dims: LlamaDims, kept: dict[str, Any], context: int = 128) -> dict[str, int]:
-    """Weight MACs per decoded token (projections, lm_head included) and attention MACs at `context` tokens."""
+    """Weight MACs per decoded token (projections, lm_head included) and attention MACs at `context` tokens.
+
+    Multi-token-prediction heads (never pruned) are counted too: every forward pass computes them.
+    """
     h, d = dims.hidden, dims.head_dim
     linear = attention = 0
-    for layer in kept["layers"]:
+    full_layer = {"heads": list(range(dims.heads)), "heads_zeroed": [], "kv_heads": list(range(dims.kv_heads)),
+                  "neurons": dims.intermediate}
+    for layer in kept["layers"] + [full_layer] * dims.extra_heads:
         q = (len(layer["heads"]) + len(layer["heads_zeroed"])) * d
         linear += 2 * h * q + 2 * h * len(layer["kv_heads"]) * d + 3 * h * layer["neurons"]
         attention += 2 * context * q
-    linear += h * dims.vocab
+    linear += h * dims.vocab * (1 + dims.extra_heads)
     return {"context": context, "linear": linear, "attention": attention, "total": linear + attention}

@@ -32,7 +32,7 @@ class FuseSkipNorm(ir.passes.InPlacePass):
             attributes = {k: v for k, v in norm.attributes.items() if k in ("epsilon",)}
             skip = ir.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], norm.inputs[1]],
                            attributes=attributes, domain=MS_DOMAIN, num_outputs=4,
-                           name=norm.name.rsplit("/", 1)[0] + "/SkipLayerNorm")
+                           name=f"{norm.name}/Skip")
             set_module(skip, module_of(norm))
             graph.insert_before(norm, skip)
             ir.convenience.replace_all_uses_with(norm.outputs[0], skip.outputs[0])

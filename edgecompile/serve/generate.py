@@ -58,8 +58,14 @@ def greedy(session: ort.InferenceSession, prompt: list[int], max_new_tokens: int
     return Generation(tokens, timings[0], timings[1:])
 
 
-def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: str | None = None, threads: int = 0) -> dict:
-    """What an app does with a decoder bundle: route the prompt once, then decode greedily with that cluster."""
+def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: str | None = None, threads: int = 0,
+                       speculative: bool = False) -> dict:
+    """What an app does with a decoder bundle: route the prompt once, then decode greedily with that cluster.
+
+    With `speculative`, the cluster's multi-token-prediction heads draft and head 0 verifies; the plain
+    greedy decoding runs too, for the speed-up and to prove the tokens identical (a difference is a
+    parity failure on this machine, exit 3).
+    """
     from edgecompile.errors import input_error
     from edgecompile.inputs.tokens import encode, load_tokenizer, pad_batch
     from edgecompile.lowering.targets import target_from_dict
@@ -79,7 +85,11 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
         raise input_error("--prompt", "prompt tokens + --max-new-tokens",
                           f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
     session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
-    result = greedy(session, ids, max_new_tokens, frozenset(student.get("eos_token_ids", [])))
+    eos = frozenset(student.get("eos_token_ids", []))
+    result = greedy(session, ids, max_new_tokens, eos)
+    extra = {}
+    if speculative:
+        extra = speculative_summary(session, ids, max_new_tokens, eos, result, f"cluster_{k}")
     return {
         "prompt": prompt,
         "target": entry["target"]["name"],
@@ -90,4 +100,30 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
         "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
         "prefill_ms": round(result.prefill_ms, 3),
         "decode_ms_per_token": None if result.decode_ms_per_token is None else round(result.decode_ms_per_token, 3),
+        **extra,
+    }
+
+
+def speculative_summary(session: ort.InferenceSession, ids: list[int], max_new_tokens: int, eos: frozenset[int],
+                        plain: Generation, graph: str) -> dict:
+    from edgecompile.errors import InputError, ParityError
+    from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
+
+    if not extra_head_outputs(session):
+        raise InputError(f"--speculative: {graph} has no multi-token-prediction heads (outputs logits_1...); "
+                         "build a student with n_future_tokens > 1")
+    fast = speculative_greedy(session, ids, max_new_tokens, eos)
+    if fast.tokens != plain.tokens:
+        raise ParityError(f"{graph}: speculative decoding gave {fast.tokens[:8]}..., plain greedy {plain.tokens[:8]}...; "
+                          "they must be identical")
+    plain_ms, fast_ms = float(np.sum(plain.decode_ms)), float(np.sum(fast.step_ms))
+    return {
+        "speculative": {
+            "identical_to_greedy": True,
+            "acceptance_rate": round(fast.acceptance_rate, 4),
+            "tokens_per_forward_pass": round(fast.tokens_per_pass, 4),
+            "decode_ms": round(fast_ms, 3),
+            "greedy_decode_ms": round(plain_ms, 3),
+            "speedup_vs_greedy": round(plain_ms / fast_ms, 3) if fast_ms else None,
+        }
     }

