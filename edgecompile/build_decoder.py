@@ -34,6 +34,8 @@ class DecoderModels:
     prompts: list[list[int]]
     eos: frozenset[int]
     extra_heads: list  # multi-token prediction: transformers LlamaDecoderLayers of the extra heads
+    lowbit: Any = None  # inputs.lowbit.LowBitPlan
+    quantized: Any = None  # reference.lowbit.QuantizedLinears installed on `reference` (activation quantizers)
 
 
 def check_targets(targets) -> None:
@@ -77,8 +79,30 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
                               f"less the {NEW_TOKENS} tokens parity generates)", len(prompt))
     reference = load_reference(spec.transformer_dir)
     extra_heads = load_extra_heads(reference, weights, dims.extra_heads)
+    lowbit, quantized = lowbit_reference(inputs, reference, weights)
     router, _, router_max, router_samples = load_router(inputs)
-    return DecoderModels(dims, weights, reference, router, router_max, router_samples, prompts, eos_ids(spec.config), extra_heads)
+    return DecoderModels(dims, weights, reference, router, router_max, router_samples, prompts, eos_ids(spec.config), extra_heads,
+                         lowbit, quantized)
+
+
+def lowbit_reference(inputs: Any, reference: Any, weights: dict[str, np.ndarray]):
+    """Binary / ternary Linears (declared in edgecompile.json or detected): the reference gets the rules of
+    reference/lowbit.py (codes * alpha, activation quantizers), the graph's weights the same codes * alpha."""
+    from edgecompile.inputs.lowbit import materialize, resolve_plan
+    from edgecompile.reference.lowbit import QuantizedLinears
+
+    plan = resolve_plan(inputs.student, inputs.lowbit_sidecar, reference)
+    if plan.embedding is not None:
+        raise input_error(inputs.lowbit_sidecar[0] if inputs.lowbit_sidecar else inputs.student.transformer_dir / "model.safetensors",
+                          "word_embeddings", "fp32 embeddings for decoder students (low-bit embeddings are BERT-only)",
+                          f"{plan.embedding.bits}-bit {plan.embedding.module}")
+    if plan.empty:
+        return plan, None
+    materialize(reference, plan)
+    modules = dict(reference.named_modules())
+    for linear in plan.linears:
+        weights[f"{linear.module}.weight"] = modules[linear.module].weight.detach().numpy().copy()
+    return plan, QuantizedLinears(reference, {p.module: (p.activation, p.static_scale) for p in plan.linears})
 
 
 def all_kept(masks: ClusterMasks) -> ClusterMasks:
@@ -113,7 +137,8 @@ def compile_decoder_graphs(inputs: Any, models: DecoderModels, progress: Progres
         dense = export_decoder(models.weights, dims)
         router = export_router(models.router)
         progress.note(f"dense: {len(dense.graph)} nodes; router: {len(router.graph)} nodes")
-    structure = LlamaStructure(dims.layers, dims.head_dim)
+    lowbit_modules = frozenset(p.module for p in models.lowbit.linears) if models.lowbit else frozenset()
+    structure = LlamaStructure(dims.layers, dims.head_dim, lowbit_modules)  # their gates stay Muls: weights stay codes * alpha
     graphs = {"router": router, "dense": dense}
     entries = []
     dense_macs = None
@@ -159,9 +184,11 @@ def reference_outputs(inputs: Any, models: DecoderModels, progress: Progress) ->
             gates.set(cluster)
             heads = ["logits"] + [f"logits_{j + 1}" for j in range(len(models.extra_heads))]
             outputs: dict[str, list[np.ndarray]] = {f"prefill_{head}": [] for head in heads}
-            outputs["greedy_tokens"] = []
+            outputs.update(greedy_tokens=[], greedy_top_values=[], greedy_top_ids=[])
             for prompt in models.prompts:
-                logits, generated = reference_greedy(models.reference, prompt, NEW_TOKENS, models.eos)
+                logits, generated, top_values, top_ids = reference_greedy(models.reference, prompt, NEW_TOKENS, models.eos)
+                outputs["greedy_top_values"].append(top_values)
+                outputs["greedy_top_ids"].append(top_ids)
                 every_head = head_logits(models.reference, models.extra_heads, prompt) if models.extra_heads else [logits]
                 for head, value in zip(heads, every_head):
                     outputs[f"prefill_{head}"].append(value)
@@ -179,13 +206,14 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
     from edgecompile.bundle.decoder_folders import DECODER_FOLDER, overlay, write_decoder_folder
     from edgecompile.bundle.store import graph_signature
     from edgecompile.check.decoder_parity import check_decoder_target
-    from edgecompile.lowering.steps import lower_for_target
-    from edgecompile.lowering.target_build import TargetOutcome, placement_of
+    from edgecompile.lowering.steps import GraphLowBit, lower_for_target
+    from edgecompile.lowering.target_build import TargetOutcome, _public, placement_of
     from edgecompile.lowering.targets import target_to_dict
 
     folder = root / target.name
     with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
-        lowered, lowering = lower_for_target(graphs, target)
+        lowered, lowering = lower_for_target(graphs, target, GraphLowBit.from_plan(models.lowbit, prefix="") if models.lowbit else None)
+    lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
     with progress.step(f"writing the router and the onnxruntime-genai folder for target '{target.name}'"):
         needs = write_decoder_folder(folder, lowered, tokenizer_files, config)
     files = {name: "router.onnx" if name == "router" else f"{DECODER_FOLDER}/{name}.onnx" for name in lowered}
@@ -195,7 +223,7 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
         speculation: dict[str, dict[str, float]] = {}
         result = check_decoder_target(target, folder, list(lowered), reference, models.prompts, models.router_samples,
                                       models.eos, NEW_TOKENS, threads, progress=lambda graph: progress.note(f"running {graph}"),
-                                      speculation=speculation)
+                                      speculation=speculation, lowbit_graphs=frozenset(lowbit_graphs))
         for graph, stats in speculation.items():
             progress.note(f"{graph}: speculative decoding on the parity prompts: acceptance {stats['acceptance_rate']:.2f}, "
                           f"{stats['tokens_per_pass']:.2f} tokens per forward pass")
@@ -208,8 +236,8 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
         "graphs": {name: {"file": f"{target.name}/{files[name]}", **({} if name == "router" else {"genai_overlay": overlay(name)}),
                           **graph_signature(model)} for name, model in lowered.items()},
         "placement": {p.graph: p.to_dict() for p in placements},
-        "lowbit_graphs": [],
-        "lowering": lowering,
+        "lowbit_graphs": lowbit_graphs,
+        "lowering": {name: _public(report) for name, report in lowering.items()},
         **({"speculative_on_parity_prompts": speculation} if speculation else {}),
     }
     return TargetOutcome(entry, result, needs)

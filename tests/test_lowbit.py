@@ -451,4 +451,4 @@ def test_pooler_and_classifier_stay_fp32(cli, router_encoder, masks_file, tmp_pa
     (student / "edgecompile.json").write_text(json.dumps(entry(modules=["bert.pooler.dense"])))
     masks = masks_file({0: gates(blocks=np.ones((LAYERS, 2)))})
     result = cli("build", student, "--masks", masks, "--router-encoder", router_encoder, "--out", tmp_path / "b", "-q")
-    assert_one_line_error(result, "encoder Linear layers (pooler and classifier stay fp32)", "bert.pooler.dense")
+    assert_one_line_error(result, "(pooler, classifier and lm_head stay fp32)", "bert.pooler.dense")

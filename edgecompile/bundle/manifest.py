@@ -138,6 +138,7 @@ def build_decoder_manifest(
 ) -> dict[str, Any]:
     """The manifest of a decoder bundle: as an encoder's, plus per graph its KV cache and onnxruntime-genai folder."""
     from edgecompile.families.llama import OPSET
+    from edgecompile.inputs.lowbit import describe_plan
 
     spec, masks, dims = inputs.student, inputs.masks, models.dims
     targets = list(target_entries)
@@ -165,7 +166,7 @@ def build_decoder_manifest(
             "vocab_size": dims.vocab,
             "eos_token_ids": sorted(models.eos),
             "tokenizer": tokenizers["student"],
-            "precision": "fp32",
+            "precision": describe_plan(models.lowbit),
         },
         "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},

@@ -16,25 +16,55 @@ from edgecompile.check.parity import Comparison
 from edgecompile.errors import EnvironmentProblem
 
 
-def reference_greedy(model, prompt: list[int], max_new_tokens: int, eos_token_ids: frozenset[int]) -> tuple[np.ndarray, list[int]]:
-    """(prefill logits [S, V], generated tokens) from a transformers causal LM, one sample, no padding."""
+TOP_K = 8  # reference logits kept per generated token, to judge where a quantized graph may diverge
+
+
+def reference_greedy(model, prompt: list[int], max_new_tokens: int,
+                     eos_token_ids: frozenset[int]) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
+    """(prefill logits [S, V], generated tokens, top-k logit values and ids per step [T, k]) from a
+    transformers causal LM, one sample, no padding."""
     import torch
 
     from edgecompile.reference.evaluate import single_thread
 
     tokens: list[int] = []
+    top_values, top_ids = [], []
     with torch.no_grad(), single_thread():
         out = model(torch.tensor([prompt]), use_cache=True)
         prefill = out.logits[0].numpy().copy()
         logits, cache = out.logits, out.past_key_values
         while len(tokens) < max_new_tokens:
-            token = int(torch.argmax(logits[0, -1]))
+            last = logits[0, -1]
+            top = torch.topk(last, min(TOP_K, last.shape[-1]))
+            top_values.append(top.values.numpy().copy())
+            top_ids.append(top.indices.numpy().astype(np.int64))
+            token = int(torch.argmax(last))
             tokens.append(token)
             if token in eos_token_ids:
                 break
             out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
             logits, cache = out.logits, out.past_key_values
-    return prefill, tokens
+    return prefill, tokens, np.stack(top_values), np.stack(top_ids)
+
+
+def divergence_is_a_near_tie(step_logits: np.ndarray, top_values: np.ndarray, top_ids: np.ndarray, found: int,
+                             max_relative_error: float) -> bool:
+    """At the first step where a graph with quantized activations picked `found` instead of the reference's
+    token (same prefix up to there), was that a near-tie the 8-bit activation contract cannot order?
+
+    Yes when `found` is among the reference's top-k, the graph's logits there are within the low-bit
+    tolerance of the reference's (on the top-k), and the reference's margin between its token and
+    `found` is no larger than the two logits' errors together. A real fault (a wrong cache, a wrong
+    weight) gives errors beyond the tolerance, or a token far down the reference's ranking.
+    """
+    if found not in top_ids:
+        return False
+    errors = np.abs(step_logits[top_ids] - top_values)
+    scale = float(np.abs(top_values).max()) or 1.0
+    if float(errors.max()) / scale > max_relative_error:
+        return False
+    j = int(np.flatnonzero(top_ids == found)[0])
+    return float(top_values[0] - top_values[j]) <= float(errors[0] + errors[j])
 
 
 def genai_model(folder: Path, graph: str):
@@ -66,15 +96,27 @@ def genai_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return tokens
 
 
-def compare_tokens(target: str, graph: str, runner: str, refs: list[list[int]], gots: list[list[int]]) -> Comparison:
-    """One row: the share of samples whose generated tokens are identical (must be 1)."""
+def first_difference(ref: list[int], got: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+
+
+def compare_tokens(target: str, graph: str, runner: str, refs: list[list[int]], gots: list[list[int]],
+                   near_ties: list[bool] | None = None) -> Comparison:
+    """One row: the share of samples whose generated tokens are identical (must be 1).
+
+    `near_ties[s]`: sample s diverged at a near-tie of the low-bit contract (see divergence_is_a_near_tie);
+    such samples pass and are counted in the row's label.
+    """
     same = [r == g for r, g in zip(refs, gots)]
+    tied = [not s and bool(near_ties and near_ties[i]) for i, s in enumerate(same)]
     agreement = float(np.mean(same)) if same else 1.0
-    worst = same.index(False) if False in same else 0
-    row = Comparison(target, graph, f"greedy tokens ({runner})", len(refs), None, None, None, agreement, worst)
-    if agreement < 1.0:
+    label = f"greedy tokens ({runner})" + (f"; {sum(tied)} diverged at low-bit near-ties" if any(tied) else "")
+    failed = [not s and not t for s, t in zip(same, tied)]
+    worst = failed.index(True) if True in failed else 0
+    row = Comparison(target, graph, label, len(refs), None, None, None, agreement, worst)
+    if any(failed):
         ref, got = refs[worst], gots[worst]
-        step = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-        row.failures.append(f"{len(same) - sum(same)} sample(s) differ; sample {worst} first at new token {step}: "
+        step = first_difference(ref, got)
+        row.failures.append(f"{sum(failed)} sample(s) differ; sample {worst} first at new token {step}: "
                             f"expected {ref[step:step + 3]}, found {got[step:step + 3]}")
     return row

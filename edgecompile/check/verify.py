@@ -132,6 +132,7 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
             results.append(check_decoder_target(
                 definitions[name], bundle.file(name), list(entry["graphs"]), reference, prompts, router_samples,
                 frozenset(student["eos_token_ids"]), int(bundle.manifest["generation"]["parity_new_tokens"]), threads, progress,
+                lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
             ))
         except (InputError, KeyError, IndexError, ValueError, TypeError) as exc:  # the bundle's data disagree with its graphs
             raise BundleError(f"{bundle.root}: target '{name}': the decoder graphs do not fit the stored samples and "

@@ -40,7 +40,7 @@ SIDECAR_FORMAT = "edgecompile-lowbit/1"
 ENTRY_KEYS = ("modules", "bits", "groups", "activations", "static_scales", "stored")
 TOP_KEYS = ("format", "linear", "word_embeddings")
 EMBEDDING_KEYS = ("bits", "stored")
-STAYS_FP32 = ("pooler", "classifier")
+STAYS_FP32 = ("pooler", "classifier", "lm_head")
 BINARY_MAX_ZERO_SHARE = 0.01  # a "binary" tensor may hold exact zeros (sign(0) = 0), but only a few
 DETECTED_TERNARY_ZERO_SHARE = 0.05
 ACTIVATIONS = {"dynamic": "8-bit symmetric dynamic", "static": "8-bit symmetric static", "none": "none (float32)"}
@@ -160,6 +160,11 @@ def _check_groups(path: Path, where: str, module: str, shape: tuple[int, int], g
                           f"{groups} (groups of {out_features * in_features // groups} values: {runs} per row)")
 
 
+def _in_layer_stack(name: str) -> bool:
+    """A Linear of the transformer layers (BERT `encoder.layer.i`, Llama `model.layers.i`), not a head."""
+    return ".layer." in name or ".layers." in name
+
+
 def _linear_modules(model) -> dict[str, Any]:
     from torch import nn
 
@@ -205,11 +210,11 @@ def resolve_plan(spec, sidecar: tuple[Path, dict[str, Any]] | None, model) -> Lo
         where = f"linear[{i}]"
         matched = sorted({name for pattern in entry["modules"] for name in linears if fnmatch.fnmatchcase(name, pattern)})
         if not matched:
-            example = next((n for n in linears if ".layer." in n), next(iter(linears), "?"))
+            example = next((n for n in linears if _in_layer_stack(n)), next(iter(linears), "?"))
             raise input_error(path, f"{where}.modules {entry['modules']}", f"names of Linear modules in the student (e.g. {example})", "no match")
         for name in matched:
             if any(part in name.split(".") for part in STAYS_FP32):
-                raise input_error(path, f"{where}.modules", "encoder Linear layers (pooler and classifier stay fp32)", name)
+                raise input_error(path, f"{where}.modules", "Linear layers of the transformer layers (pooler, classifier and lm_head stay fp32)", name)
             if name in claimed:
                 raise input_error(path, f"{where}.modules", "each module in one entry", f"{name} also in linear[{claimed[name]}]")
             claimed[name] = i
@@ -246,7 +251,7 @@ def _detect(spec, model, linears: dict[str, Any], embedding_name: str) -> LowBit
     from edgecompile.reference.lowbit import LOWBIT_MIN_EVIDENCE, MAX_RUNS_PER_ROW, describe_mismatch, lowbit_evidence, recover_codes
 
     plans = []
-    candidates = {name: m.weight for name, m in linears.items() if ".layer." in name}
+    candidates = {name: m.weight for name, m in linears.items() if _in_layer_stack(name)}
     candidates[embedding_name] = model.get_input_embeddings().weight
     embedding = None
     for name, parameter in candidates.items():

@@ -32,10 +32,11 @@ class GraphLowBit:
         return not self.linears and self.embedding is None
 
     @classmethod
-    def from_plan(cls, plan: LowBitPlan) -> "GraphLowBit":
+    def from_plan(cls, plan: LowBitPlan, prefix: str = GRAPH_PREFIX) -> "GraphLowBit":
+        """`prefix`: what the graph's module paths put before the Hugging Face names (BERT's wrapper: "model.")."""
         return cls(
-            {GRAPH_PREFIX + p.module: ActivationQuant(p.activation, p.static_scale) for p in plan.linears},
-            None if plan.embedding is None else GRAPH_PREFIX + plan.embedding.module,
+            {prefix + p.module: ActivationQuant(p.activation, p.static_scale) for p in plan.linears},
+            None if plan.embedding is None else prefix + plan.embedding.module,
         )
 
 

@@ -74,7 +74,7 @@ class LowBitWeightsToDequantize(ir.passes.InPlacePass):
         for node in graph:
             by_module[module_of(node)].append(node)
         for module in self.linears:
-            site = linear_site(module, by_module.get(module, []))
+            site = linear_site(module, by_module.get(module, []), bias=None)
             if site is None:
                 continue
             recovered = recover_codes(site.weight_array().T, MAX_RUNS_PER_ROW, uneven=True)

@@ -70,7 +70,7 @@ class LowerLowBitLinears(ir.passes.InPlacePass):
             by_module[module_of(node)].append(node)
         groups: dict[tuple, list[tuple[LinearSite, RecoveredCodes]]] = {}
         for module, quant in self.linears.items():
-            site = linear_site(module, by_module.get(module, []))
+            site = linear_site(module, by_module.get(module, []), bias=None)
             if site is None:
                 continue  # removed by pruning
             recovered = recover_site(site)

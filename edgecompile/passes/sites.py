@@ -119,17 +119,24 @@ def _is_initializer(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.is_initializer()
 
 
-def linear_site(module: str, nodes: list[ir.Node], *, bias: bool = True) -> LinearSite | None:
-    """The Linear exported from `module` (MatMul with a constant weight [, then Add bias]), if present."""
+def linear_site(module: str, nodes: list[ir.Node], *, bias: bool | None = True) -> LinearSite | None:
+    """The Linear exported from `module` (MatMul with a constant weight [, then Add bias]), if present.
+
+    bias: True, the Linear has one (an error if not found); False, it has none; None, whichever the graph shows.
+    """
     matmuls = [n for n in nodes if n.op_type == "MatMul" and _is_initializer(n.inputs[1])]
     if not matmuls:
         return None
     if len(matmuls) != 1:
         raise StructureError(f"{module}: expected one MatMul with a constant weight, found {len(matmuls)}")
     matmul = matmuls[0]
+    users = [use.node for use in matmul.outputs[0].uses()]
+    if bias is None:
+        has_bias = len(users) == 1 and users[0].op_type == "Add" and any(
+            v is not matmul.outputs[0] and _is_initializer(v) for v in users[0].inputs)
+        bias = has_bias
     if not bias:
         return LinearSite(module, matmul)
-    users = [use.node for use in matmul.outputs[0].uses()]
     if len(users) != 1 or users[0].op_type != "Add":
         raise StructureError(f"{module}: expected MatMul -> Add(bias), found {[u.op_type for u in users]}")
     add = users[0]

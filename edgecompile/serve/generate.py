@@ -23,6 +23,7 @@ class Generation:
     tokens: list[int]
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)  # one per decoded token after the first
+    step_logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: the logits each token was chosen from
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -36,13 +37,14 @@ def empty_cache(session: ort.InferenceSession, batch: int = 1) -> dict[str, np.n
 
 
 def greedy(session: ort.InferenceSession, prompt: list[int], max_new_tokens: int, eos_token_ids: frozenset[int] = frozenset(),
-           logits_output: str = "logits") -> Generation:
+           logits_output: str = "logits", keep_logits: bool = False) -> Generation:
     """Argmax decoding; stops after `max_new_tokens` or on an end-of-sequence token (which is kept)."""
     output_names = [o.name for o in session.get_outputs()]
     ids = np.array([prompt], np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)}
     tokens: list[int] = []
     timings: list[float] = []
+    kept: list[np.ndarray] = []
     total = len(prompt)
     while len(tokens) < max_new_tokens:
         start = time.perf_counter()
@@ -50,12 +52,14 @@ def greedy(session: ort.InferenceSession, prompt: list[int], max_new_tokens: int
         timings.append((time.perf_counter() - start) * 1e3)
         token = int(np.argmax(results[logits_output][0, -1]))
         tokens.append(token)
+        if keep_logits:
+            kept.append(results[logits_output][0, -1].copy())
         if token in eos_token_ids:
             break
         total += 1
         feed = {"input_ids": np.array([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64)}
         feed.update({PAST + name[len(PRESENT):]: value for name, value in results.items() if name.startswith(PRESENT)})
-    return Generation(tokens, timings[0], timings[1:])
+    return Generation(tokens, timings[0], timings[1:], kept)
 
 
 def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: str | None = None, threads: int = 0,
