@@ -370,7 +370,7 @@ def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(lla
 
 
 def test_a_low_bit_divergence_passes_only_at_a_near_tie():
-    from edgecompile.check.generation import divergence_is_a_near_tie
+    from edgecompile.check.parity import is_near_tie as divergence_is_a_near_tie
 
     top_ids = np.array([7, 3, 9, 1])
     top_values = np.array([2.000, 1.998, 1.5, 1.0], np.float32)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgecompile.bundle.decoder_folders import DECODER_FOLDER
-from edgecompile.check.generation import compare_tokens, divergence_is_a_near_tie, first_difference, genai_greedy, genai_model
-from edgecompile.check.parity import TargetParity, compare, compare_router, run_graph
+from edgecompile.check.generation import compare_tokens, first_difference, genai_greedy, genai_model
+from edgecompile.check.parity import TargetParity, compare, compare_router, is_near_tie, run_graph
 from edgecompile.serve.generate import empty_cache, greedy
 from edgecompile.serve.runtime import create_session
 from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
@@ -60,8 +60,8 @@ def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference
             ties = []
             for s, (ref, run) in enumerate(zip(refs, runs)):
                 step = first_difference(ref, run.tokens)
-                ties.append(step < min(len(ref), len(run.tokens)) and divergence_is_a_near_tie(
-                    run.step_logits[step], reference[graph]["greedy_top_values"][s][step],
+                ties.append(step < min(len(ref), len(run.tokens)) and is_near_tie(
+                    run.step_logits[step], reference[graph]["greedy_top_values"][s][step].astype(np.float64),
                     reference[graph]["greedy_top_ids"][s][step], run.tokens[step], target.parity.lowbit_max_relative_error))
         rows.append(compare_tokens(target.name, graph, "onnxruntime", refs, tokens_ort[graph], ties))
         cluster_ties[graph] = ties or [False] * len(prompts)

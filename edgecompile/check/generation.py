@@ -47,26 +47,6 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int,
     return prefill, tokens, np.stack(top_values), np.stack(top_ids)
 
 
-def divergence_is_a_near_tie(step_logits: np.ndarray, top_values: np.ndarray, top_ids: np.ndarray, found: int,
-                             max_relative_error: float) -> bool:
-    """At the first step where a graph with quantized activations picked `found` instead of the reference's
-    token (same prefix up to there), was that a near-tie the 8-bit activation contract cannot order?
-
-    Yes when `found` is among the reference's top-k, the graph's logits there are within the low-bit
-    tolerance of the reference's (on the top-k), and the reference's margin between its token and
-    `found` is no larger than the two logits' errors together. A real fault (a wrong cache, a wrong
-    weight) gives errors beyond the tolerance, or a token far down the reference's ranking.
-    """
-    if found not in top_ids:
-        return False
-    errors = np.abs(step_logits[top_ids] - top_values)
-    scale = float(np.abs(top_values).max()) or 1.0
-    if float(errors.max()) / scale > max_relative_error:
-        return False
-    j = int(np.flatnonzero(top_ids == found)[0])
-    return float(top_values[0] - top_values[j]) <= float(errors[0] + errors[j])
-
-
 def genai_model(folder: Path, graph: str):
     """onnxruntime-genai's model for one graph of a decoder folder, loaded as an app loads it."""
     from edgecompile.bundle.decoder_folders import overlay

@@ -37,6 +37,7 @@ class Comparison:
     agreement: float | None = None  # argmax (logits) or cluster id (router)
     worst_sample: int = 0
     failures: list[str] = field(default_factory=list)
+    near_ties: int = 0  # quantized-activation graphs: disagreements at a near-tie of the contract (is_near_tie)
 
     @property
     def passed(self) -> bool:
@@ -53,11 +54,31 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
+def is_near_tie(got: np.ndarray, ref_values: np.ndarray, ref_ids: np.ndarray, found: int, max_relative_error: float) -> bool:
+    """Where a graph with quantized activations picked `found` and the reference its top id `ref_ids[0]`,
+    was that a near-tie the 8-bit activation contract cannot order?
+
+    Yes when `found` is among the reference's top ids (values `ref_values`, best first), the graph's
+    scores there are within the low-bit tolerance of the reference's, and the reference's margin
+    between its choice and `found` is no larger than the two scores' errors together (a one-ulp
+    difference upstream can flip an activation code; flips move scores by about that much). A real
+    fault gives errors beyond the tolerance, or a choice far down the reference's ranking.
+    """
+    if found not in ref_ids:
+        return False
+    errors = np.abs(got[ref_ids].astype(np.float64) - ref_values)
+    scale = float(np.abs(ref_values).max()) or 1.0
+    if float(errors.max()) / scale > max_relative_error:
+        return False
+    j = int(np.flatnonzero(ref_ids == found)[0])
+    return float(ref_values[0] - ref_values[j]) <= float(errors[0] + errors[j])
+
+
 def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], gots: list[np.ndarray], lowbit: bool = False) -> Comparison:
     tol = target.parity
     max_relative_error = tol.lowbit_max_relative_error if lowbit else tol.max_relative_error
     min_cosine = tol.lowbit_min_cosine if lowbit else tol.min_cosine
-    abs_errors, rel_errors, cosines, agree = [], [], [], []
+    abs_errors, rel_errors, cosines, agree, ties = [], [], [], [], []
     non_finite = sum(int(not np.isfinite(got).all()) for got in gots)
     for ref, got in zip(refs, gots):
         ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
@@ -69,13 +90,18 @@ def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], got
             rel_errors[-1] = float("inf")
         cosines.append(_cosine(ref, got))
         if output == "logits":
-            agree.append(bool(np.isfinite(got).all()) and int(np.argmax(ref)) == int(np.argmax(got)))
+            same = bool(np.isfinite(got).all()) and int(np.argmax(ref)) == int(np.argmax(got))
+            ids = np.argsort(-ref.reshape(-1), kind="stable")[:8]
+            tie = lowbit and not same and bool(np.isfinite(got).all()) and is_near_tie(
+                got.reshape(-1), ref.reshape(-1)[ids].astype(np.float64), ids, int(np.argmax(got)), max_relative_error)
+            agree.append(same)
+            ties.append(tie)
     # NaN never passes: comparisons below are written so that a NaN fails them.
     worst = int(np.nanargmax(rel_errors)) if rel_errors and not np.all(np.isnan(rel_errors)) else 0
     result = Comparison(
         target.name, graph, output, len(refs), float(np.max(abs_errors)) if abs_errors else 0.0,
         float(np.max(rel_errors)) if rel_errors else 0.0, float(np.min(cosines)) if cosines else 1.0,
-        float(np.mean(agree)) if agree else None, worst,
+        float(np.mean(agree)) if agree else None, worst, near_ties=sum(ties),
     )
     if non_finite:
         result.failures.append(f"{non_finite} sample(s) with NaN or Inf outputs")
@@ -83,8 +109,10 @@ def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], got
         result.failures.append(f"max rel error {result.max_relative_error:.3g} > {max_relative_error:g}")
     if not result.min_cosine >= min_cosine:
         result.failures.append(f"min cosine {result.min_cosine:.6f} < {min_cosine:g}")
-    if result.agreement is not None and not result.agreement >= tol.min_argmax_agreement:
-        result.failures.append(f"argmax agreement {result.agreement:.3f} < {tol.min_argmax_agreement:g}")
+    agreed_or_tied = float(np.mean([a or b for a, b in zip(agree, ties)])) if agree else None
+    if agreed_or_tied is not None and not agreed_or_tied >= tol.min_argmax_agreement:
+        result.failures.append(f"argmax agreement {result.agreement:.3f} < {tol.min_argmax_agreement:g}"
+                               + (f" ({result.near_ties} near-tie(s) of the low-bit contract not counted)" if result.near_ties else ""))
     return result
 
 
@@ -206,7 +234,8 @@ def parity_table(results: list[TargetParity]) -> str:
     ]
     for result in results:
         for r in result.rows:
-            status = "ok" if r.passed else "FAIL: " + "; ".join(r.failures)
+            status = ("ok" + (f" ({r.near_ties} low-bit near-tie{'s' if r.near_ties > 1 else ''})" if r.near_ties else "")
+                      if r.passed else "FAIL: " + "; ".join(r.failures))
             lines.append(
                 f"| {r.target} | {r.graph} | {r.output} | {r.samples} | {_fmt(r.max_abs_error)} | "
                 f"{_fmt(r.max_relative_error)} | {_fmt(r.min_cosine, 7)} | {_fmt(r.agreement)} | {status} |"
