@@ -126,8 +126,11 @@ def kv_cache(model) -> list[dict[str, Any]]:
     return layers
 
 
-def compile_decoder_graphs(inputs: Any, models: DecoderModels, progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def compile_decoder_graphs(inputs: Any, models: DecoderModels,
+                           progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(graphs: router, dense, cluster_<k>; manifest entries of dense and the clusters; the router's entry)"""
     from edgecompile.bundle.accounting import parameter_count
+    from edgecompile.bundle.router_cost import router_entry
     from edgecompile.families.router import export_router
     from edgecompile.families.llama import LlamaStructure, export_decoder, kept_structure, macs_per_token
     from edgecompile.passes.pipeline import build_cluster_graph
@@ -163,7 +166,7 @@ def compile_decoder_graphs(inputs: Any, models: DecoderModels, progress: Progres
                     f"{macs['linear'] / 1e6:.2f} weight MMACs per decoded token ({entry['macs_ratio_vs_dense']:.0%} of dense)"
                 )
             entries.append(entry)
-    return graphs, entries
+    return graphs, entries, router_entry(inputs.router, masks, parameter_count(router), len(router.graph))
 
 
 def reference_outputs(inputs: Any, models: DecoderModels, progress: Progress) -> dict[str, dict[str, list[np.ndarray]]]:
@@ -207,13 +210,14 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
     from edgecompile.bundle.store import graph_signature
     from edgecompile.check.decoder_parity import check_decoder_target
     from edgecompile.lowering.steps import GraphLowBit, lower_for_target
-    from edgecompile.lowering.target_build import TargetOutcome, _public, placement_of
+    from edgecompile.lowering.target_build import TargetOutcome, _public, check_runtime_floor, placement_of
     from edgecompile.lowering.targets import target_to_dict
 
     folder = root / target.name
     with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
         lowered, lowering = lower_for_target(graphs, target, GraphLowBit.from_plan(models.lowbit, prefix="") if models.lowbit else None)
     lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
+    runtime = check_runtime_floor(target, lowered)
     with progress.step(f"writing the router and the onnxruntime-genai folder for target '{target.name}'"):
         needs = write_decoder_folder(folder, lowered, tokenizer_files, config)
     files = {name: "router.onnx" if name == "router" else f"{DECODER_FOLDER}/{name}.onnx" for name in lowered}
@@ -232,6 +236,7 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
         "parity_executed_on": f"{target.provider}, executed on this machine (onnxruntime and onnxruntime-genai)",
         "precision": target.precision, "dynamic_shapes": True, "format": "onnx", "shared_weights": True,
         "definition": target.source.name, "target": target_to_dict(target),
+        **runtime,
         "genai_folder": f"{target.name}/{DECODER_FOLDER}",
         "graphs": {name: {"file": f"{target.name}/{files[name]}", **({} if name == "router" else {"genai_overlay": overlay(name)}),
                           **graph_signature(model)} for name, model in lowered.items()},
@@ -252,7 +257,7 @@ def build_decoder(request: Any, inputs: Any, progress: Progress):
     check_targets(inputs.targets)
     with progress.step("loading the decoder, the router and tokenizers"):
         models = load_decoder_models(inputs)
-    graphs, entries = compile_decoder_graphs(inputs, models, progress)
+    graphs, entries, router = compile_decoder_graphs(inputs, models, progress)
     with progress.step("PyTorch reference: prefill logits and greedy tokens"):
         reference = reference_outputs(inputs, models, progress)
     dims = models.dims
@@ -263,7 +268,7 @@ def build_decoder(request: Any, inputs: Any, progress: Progress):
                                     request.threads, progress)
 
     def manifest_of(target_entries, graph_bytes, files, tokenizers, reference_files):
-        return build_decoder_manifest(inputs, models, entries, target_entries, graph_bytes, files, tokenizers,
+        return build_decoder_manifest(inputs, models, entries, router, target_entries, graph_bytes, files, tokenizers,
                                       reference_files, NEW_TOKENS)
 
     return publish(request, inputs, progress, build_one, reference, spec.tokenizer_files(), manifest_of)

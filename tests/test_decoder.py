@@ -384,3 +384,44 @@ def test_a_low_bit_divergence_passes_only_at_a_near_tie():
     assert not divergence_is_a_near_tie(logits, top_values, top_ids, 11, 0.05)  # not in the reference's top-k
     far = logits * 3  # errors beyond the low-bit tolerance are a fault whatever the ranking
     assert not divergence_is_a_near_tie(far, top_values, top_ids, 3, 0.05)
+
+
+DECODE_ON = """
+import json, sys, numpy as np, onnxruntime as ort
+bundle = sys.argv[1]
+manifest = json.load(open(f"{bundle}/manifest.json"))
+tokens = {}
+for name, graph in manifest["targets"]["cpu"]["graphs"].items():
+    if name == "router":
+        continue
+    session = ort.InferenceSession(f"{bundle}/{graph['file']}", providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs() if i.name.startswith("past")}
+    ids, out = [0, 42, 306, 278, 81], []
+    names = [o.name for o in session.get_outputs()]
+    feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64), **past}
+    for step in range(8):
+        result = dict(zip(names, session.run(names, feed)))
+        out.append(int(result["logits"][0, -1].argmax()))
+        feed = {"input_ids": np.array([[out[-1]]]), "attention_mask": np.ones((1, len(ids) + len(out)), np.int64)}
+        feed.update({k.replace("present", "past_key_values"): v for k, v in result.items() if k.startswith("present")})
+    tokens[name] = out
+print(json.dumps({"version": ort.__version__, "tokens": tokens}))
+"""
+
+
+def test_decoder_files_decode_on_the_oldest_onnxruntime_the_cpu_target_declares(decoder_bundle):
+    import subprocess
+    import sys
+
+    from test_runtime_floor import old_onnxruntime
+
+    from edgecompile.lowering.targets import load_target
+
+    out, _ = decoder_bundle
+    floor = load_target("cpu").min_onnxruntime
+    old = subprocess.run([sys.executable, "-c", DECODE_ON, str(out)], env=dict(os.environ, PYTHONPATH=str(old_onnxruntime(floor))),
+                         capture_output=True, text=True, timeout=600)
+    assert old.returncode == 0, old.stderr[-2000:]
+    current = subprocess.run([sys.executable, "-c", DECODE_ON, str(out)], capture_output=True, text=True, check=True)
+    assert json.loads(old.stdout)["version"].startswith(floor + ".")
+    assert json.loads(old.stdout)["tokens"] == json.loads(current.stdout)["tokens"]

@@ -83,11 +83,7 @@ def build_manifest(
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": {
-            **router_section(inputs, models.router_max_length, tokenizers["router"]),
-            **{k: v for k, v in compiled.router_entry.items() if k not in ("graph", "layers")},
-            "bytes": {t: graph_bytes[t]["router"] for t in targets},
-        },
+        "router": router_manifest(inputs, models.router_max_length, tokenizers["router"], compiled.router_entry, graph_bytes),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "dense": dense,
@@ -104,6 +100,16 @@ def pruned_heads_entry(config: dict[str, Any]) -> dict[str, Any]:
 
     pruned = parse_pruned_heads(config.get("pruned_heads"))
     return {"pruned_heads": {str(layer): list(heads) for layer, heads in sorted(pruned.items())}} if pruned else {}
+
+
+def router_manifest(inputs: Any, max_length: int, tokenizer: str, entry: dict[str, Any],
+                    graph_bytes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The router's section with its cost (MACs, parameters, bytes per target)."""
+    return {
+        **router_section(inputs, max_length, tokenizer),
+        **{k: v for k, v in entry.items() if k not in ("graph", "layers")},
+        "bytes": {t: graph_bytes[t]["router"] for t in graph_bytes},
+    }
 
 
 def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, Any]:
@@ -129,6 +135,7 @@ def build_decoder_manifest(
     inputs: Any,
     models: Any,
     entries: list[dict[str, Any]],
+    router: dict[str, Any],
     target_entries: dict[str, dict[str, Any]],
     graph_bytes: dict[str, dict[str, int]],
     files: dict[str, dict[str, Any]],
@@ -168,7 +175,7 @@ def build_decoder_manifest(
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": router_section(inputs, models.router_max_length, tokenizers["router"]),
+        "router": router_manifest(inputs, models.router_max_length, tokenizers["router"], router, graph_bytes),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "generation": {"parity_new_tokens": new_tokens, "decoding": "greedy", "stops_on": "eos_token_ids or the token budget"},

@@ -106,7 +106,7 @@ def bundle_summary(bundle: Bundle) -> str:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     lines.append("")
     if decoder:
-        lines.append("MMACs/tok = weight MACs per decoded token (projections and lm_head); MB = the folder's model.onnx plus the "
+        lines.append("MMACs/tok = weight MACs per decoded token (projections and lm_head); MB = the graph's .onnx plus the "
                      "tensors it reads (what it weighs shipped alone; all graphs share the decoder folder's weights.bin).")
     else:
         lines.append(f"MACs per token at sequence {d['macs_per_token']['sequence']}; MB = the graph's .onnx plus the tensors it reads (what it weighs shipped alone).")
