@@ -100,6 +100,27 @@ def build_ours(checkpoint: Path, work: Path, name: str = "bundle") -> Path:
     return out
 
 
+def router_ms(bundle: Path, rounds: int) -> float:
+    """Median wall time of the bundle's router on one sample prompt (it runs once per generation), one thread."""
+    import onnxruntime as ort
+
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.inputs.router import encode_role
+
+    reader = load_bundle(bundle)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    session = ort.InferenceSession(str(bundle / reader.manifest["targets"]["cpu"]["graphs"]["router"]["file"]), options,
+                                   providers=["CPUExecutionProvider"])
+    times = []
+    for sample in encode_role(reader, "router", PROMPTS.splitlines()) * (rounds + 1):
+        feed = {"input_ids": sample.input_ids[None], "attention_mask": np.ones_like(sample.input_ids)[None]}
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times[len(PROMPTS.splitlines()):]))
+
+
 def build_anchor(checkpoint: Path, out: Path, precision: str, python: str) -> Path:
     if not (out / "genai_config.json").is_file():
         subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", precision,
@@ -224,6 +245,13 @@ def main() -> None:
     print(f"W1A8 (exact XTC contract, MatMulIntegerToFloat): decode {anchor / w1:.2f}x the fp32 anchor, "
           f"{timings['anchor int4 (builder)'][1] / w1:.2f}x the int4 anchor; files {sizes['edgecompile W1A8 dense'] / 1e6:.1f} MB vs "
           f"{sizes['anchor fp32 (builder)'] / 1e6:.1f} (fp32) and {sizes['anchor int4 (builder)'] / 1e6:.1f} (int4) MB")
+    routed = router_ms(bundle, rounds)
+    generation = {name: prefill + args.new_tokens * decode for name, (prefill, decode) in timings.items()}
+    end_to_end = routed + generation["edgecompile cluster_1 (half)"]
+    print(f"routed generation end to end (router {routed:.2f} ms, full all-MiniLM-L6-v2, on the prompt once + half cluster "
+          f"prefill + {args.new_tokens} tokens): {end_to_end:.0f} ms vs dense {generation['edgecompile dense']:.0f} ms "
+          f"({end_to_end / generation['edgecompile dense']:.3f}x) and anchor fp32 {generation['anchor fp32 (builder)']:.0f} ms "
+          f"({end_to_end / generation['anchor fp32 (builder)']:.3f}x); router share {routed / end_to_end:.1%}")
     print(f"work folder: {work}")
 
 
