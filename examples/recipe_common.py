@@ -9,7 +9,6 @@ import io
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -128,17 +127,13 @@ def edgecompile(*args: object, quiet: bool = False) -> str:
     from edgecompile.cli import main as edgecompile_main
 
     print("$ edgecompile " + " ".join(map(str, args)), flush=True)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     captured = io.StringIO()
-    try:
+    try:  # called with argv, edgecompile's main gives the caller its signal handlers back
         with contextlib.redirect_stdout(captured):
             edgecompile_main([str(a) for a in args])
         code = 0
     except SystemExit as exc:
         code = int(exc.code or 0)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     if not quiet or code:
         print(captured.getvalue(), end="")
     if code:
