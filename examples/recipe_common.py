@@ -152,14 +152,15 @@ def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: l
     return out
 
 
-def bench_rows(bundle: Path, runs: int, sequence: int = 128) -> tuple[dict[str, dict], int]:
-    """`edgecompile bench` rows by graph name (p50_ms, p90_ms, ...), and the sequence length used
-    (`sequence`, or the models' max_seq_length when shorter)."""
+def bench_report(bundle: Path, runs: int, sequence: int = 128) -> tuple[dict, int]:
+    """`edgecompile bench --json` of a bundle ({metadata, graphs, routed}; the plot beside it), and the
+    sequence length of the per-graph rows (`sequence`, or the models' max_seq_length when shorter).
+    Its routed row times router + the cluster it picks on the build's samples at their own lengths."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     sequence = min(sequence, manifest["student"]["max_seq_length"], manifest["router"]["max_seq_length"])
     report = bundle.parent / f"{bundle.name}_bench.json"
     edgecompile("bench", bundle, "--runs", runs, "--sequence", sequence, "--json", report)
-    return {row["graph"]: row for row in json.loads(report.read_text())}, sequence
+    return json.loads(report.read_text()), sequence
 
 
 def cpu_flags() -> str:

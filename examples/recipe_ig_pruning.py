@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, bench_rows, build_bundle, cpu_flags, cycle_shuffled,  # noqa: E402
+from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, cycle_shuffled,  # noqa: E402
                            length_batches, minilm, phase, recall_at_k, require, require_file, run_recipe,
                            sentence_embeddings)
 
@@ -213,17 +213,16 @@ def main(argv: list[str] | None = None) -> None:
     phase("compiling with edgecompile build")
     samples = [held_texts[i] for i in np.linspace(0, len(held_texts) - 1, min(24, len(held_texts))).astype(int)]
     bundle = build_bundle(model_dir, masks_file, model_dir, args.out / "bundle", samples)
-    rows, sequence = bench_rows(bundle, args.bench_runs)
-    share = np.bincount(held_cluster, minlength=args.clusters) / len(held_texts)
-    if "routed" in rows:
-        routed_ms, how = rows["routed"]["p50_ms"], "edgecompile bench's routed row"
-    else:
-        routed_ms = rows["router"]["p50_ms"] + sum(share[k] * rows[f"cluster_{k}"]["p50_ms"] for k in range(args.clusters))
-        how = "router p50 + clusters' p50 weighted by the held-out routing shares (computed here from bench's rows)"
-    dense_ms = rows["dense"]["p50_ms"]
-    print(f"\nend-to-end routed latency {routed_ms:.2f} ms vs dense {dense_ms:.2f} ms (ratio {routed_ms / dense_ms:.3f}); "
-          f"{how}; mean cluster alone {sum(share[k] * rows[f'cluster_{k}']['p50_ms'] for k in range(args.clusters)):.2f} ms; "
-          f"batch 1, sequence {sequence}, 1 thread; {cpu_flags()}")
+    report, sequence = bench_report(bundle, args.bench_runs)
+    graphs, routed = {row["graph"]: row for row in report["graphs"]}, report["routed"]
+    clusters = [graphs[f"cluster_{k}"]["p50_ms"] for k in range(args.clusters)]
+    print(f"\ngraphs alone (batch 1, sequence {sequence}, 1 thread, p50): dense {graphs['dense']['p50_ms']:.2f} ms, "
+          f"clusters {min(clusters):.2f}-{max(clusters):.2f} ms ({min(clusters) / graphs['dense']['p50_ms']:.2f}-"
+          f"{max(clusters) / graphs['dense']['p50_ms']:.2f} of dense), router {graphs['router']['p50_ms']:.2f} ms")
+    print(f"end-to-end routed latency (router + the cluster it picks, on {routed['source']} at their own lengths): "
+          f"p50 {routed['routed_p50_ms']:.2f} ms vs dense {routed['dense_p50_ms']:.2f} ms on the same inputs "
+          f"(ratio {routed['routed_vs_dense']:.2f}; the router is {routed['router_share']:.0%} of it); "
+          f"plot {bundle.parent / (bundle.name + '_bench.png')}; {cpu_flags()}")
     print(f"recipe finished in {time.perf_counter() - started:.0f} s")
 
 
