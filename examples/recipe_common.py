@@ -149,7 +149,7 @@ def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: l
                 "--out", out, "--force", "--quiet", quiet=True)
     edgecompile("verify", out, quiet=True)
     rows = [row for target in json.loads((out / "parity.json").read_text())["targets"].values() for row in target["rows"]]
-    worst = max((row["max_relative_error"] for row in rows if row["max_relative_error"] is not None), default=0.0)
+    worst = max((row["max_relative_error"] for row in rows if row.get("max_relative_error") is not None), default=0.0)
     ties = sum(row.get("near_ties", 0) for row in rows)
     print(f"bundle {out}: built, parity passed (worst max rel error {worst:.3g} over {len(rows)} rows"
           + (f"; {ties} argmax disagreement(s) at low-bit near-ties, see parity.md" if ties else "") + "), verified")

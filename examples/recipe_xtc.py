@@ -199,6 +199,8 @@ def train_student(student, teacher, batches: list, layers: list[int], args) -> N
             step += 1
             for name, value in parts.items():
                 log[name].append(float(value.detach()))
+            if step % max(1, args.steps // 10) == 0:
+                print(f"    step {step}/{args.steps}: " + ", ".join(f"{name} {values[-1]:.4f}" for name, values in log.items()), flush=True)
         tail = {name: np.mean(values[-20:]) for name, values in log.items()}
         head = {name: np.mean(values[:5]) for name, values in log.items()}
         print("  first-5 mean " + ", ".join(f"{name} {value:.4f}" for name, value in head.items()))
