@@ -115,6 +115,22 @@ def test_sxbm_recipe_writes_the_projection_and_projected_centroids_into_the_mask
     assert "| S-XBM, memory 32 |" in printed and "| same, without memory |" in printed and "routing agreement" in printed
 
 
+def test_mtp_recipe_trains_heads_saves_the_mtp_contract_builds_and_decodes_speculatively(run, tmp_path, st_student):
+    code, printed, err = run("recipe_mtp", "--short", "--router-encoder", st_student, "--out", tmp_path)
+    assert code == 0, err
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["n_future_tokens"] == 2 and config["architectures"] == ["LlamaForCausalLM"]
+    found, _ = tensors(tmp_path / "student" / "model.safetensors")
+    assert any(name.startswith("extra_heads.0.") for name in found) and not any(name.startswith("extra_heads.1.") for name in found)
+    manifest = assert_verified_bundle(tmp_path / "bundle")
+    assert manifest["multi_token_prediction"]["n_future_tokens"] == 2
+    assert len(json.loads((tmp_path / "loss_curve.json").read_text())) == 4  # one [head 0, head 1] row per step
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    for says in ("naive order", "memory-saving order", "| 0 | token t+1 |", "| 1 | token t+2 |", "acceptance rate",
+                 "tokens identical to greedy", "speed-up", "cpu flags:"):
+        assert says in printed
+
+
 @pytest.mark.parametrize("name, args, says", [
     ("recipe_ig_pruning", ["--model", "/nonexistent/model"], "/nonexistent/model"),
     ("recipe_ig_pruning", ["--sparsity", "1.0"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.0"),
@@ -126,9 +142,17 @@ def test_sxbm_recipe_writes_the_projection_and_projected_centroids_into_the_mask
     ("recipe_xtc", ["--model", "/nonexistent/model"], "/nonexistent/model"),
     ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
     ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
+    ("recipe_mtp", ["--n-future", "1"], "--n-future: expected at least 2 (head 0 and one drafting head), found 1"),
+    ("recipe_mtp", ["--layers", "1"], "--layers: expected at least 2 (a trunk layer and head 0), found 1"),
+    ("recipe_mtp", ["--kv-heads", "3"], "--kv-heads: expected a divisor of --heads (4), found 3"),
+    ("recipe_mtp", ["--vocab", "100"], "--vocab: expected at least 259"),
+    ("recipe_mtp", ["--prompt-tokens", "100", "--new-tokens", "40"], "--prompt-tokens + --new-tokens: expected at most --context - 1 (127)"),
+    ("recipe_mtp", ["--router-encoder", "/nonexistent/encoder"], "/nonexistent/encoder: expected a sentence-transformers folder (a folder), found nothing there"),
 ])
 def test_recipes_reject_bad_input_in_one_line(run, tmp_path, st_student, name, args, says):
     model = [] if "--model" in args else ["--model", st_student]
+    if name == "recipe_mtp":  # it has no --model: its student is trained from scratch, the encoder only routes
+        model = [] if "--router-encoder" in args else ["--router-encoder", st_student]
     masks = []
     if name == "recipe_sxbm_projection" and "--masks" not in args:  # a good masks file: only the check under test fails
         from factories import write_masks
