@@ -156,6 +156,16 @@ def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: l
     return out
 
 
+def write_trivial_masks(path: Path, layers: int, width: int) -> Path:
+    """One cluster that keeps everything, for a student compiled whole: the router (a `width`-wide
+    encoder) always picks it."""
+    from safetensors.numpy import save_file
+
+    save_file({"router.centroids": np.zeros((1, width), np.float32), "cluster.0.blocks": np.ones((layers, 2), np.float32)},
+              str(path), metadata={"format": "edgecompile-masks/1", "router.metric": "l2"})
+    return path
+
+
 def bench_report(bundle: Path, runs: int, sequence: int = 128) -> tuple[dict, int]:
     """`edgecompile bench --json` of a bundle ({metadata, graphs, routed}; the plot beside it), and the
     sequence length of the per-graph rows (`sequence`, or the models' max_seq_length when shorter).

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, minilm, phase, require, require_dir,  # noqa: E402
-                           require_file, run_recipe)
+                           require_file, run_recipe, write_trivial_masks)
 
 from edgecompile.errors import ParityError  # noqa: E402
 from edgecompile.reference.mtp_training import MultiTokenLlama  # noqa: E402
@@ -234,15 +234,6 @@ def speculative_figures(bundle: Path, prompts: list[list[int]], new_tokens: int,
     plain, fast = float(np.median(plain_ms)), float(np.median(fast_ms))
     return {"acceptance": accepted / drafted if drafted else 0.0, "tokens_per_pass": tokens / passes if passes else 0.0,
             "greedy_ms": plain, "speculative_ms": fast, "speedup": plain / fast if fast else float("nan")}
-
-
-def write_trivial_masks(path: Path, layers: int, width: int) -> Path:
-    """One cluster that keeps everything: the model is compiled whole (the router then always picks it)."""
-    from safetensors.numpy import save_file
-
-    save_file({"router.centroids": np.zeros((1, width), np.float32), "cluster.0.blocks": np.ones((layers, 2), np.float32)},
-              str(path), metadata={"format": "edgecompile-masks/1", "router.metric": "l2"})
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, FAMILIES, load_corpus, split, spread  # noqa: E402
 from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, cycle_shuffled, length_batches,  # noqa: E402
-                           minilm, phase, require, require_file, run_recipe)
+                           minilm, phase, require, require_file, run_recipe, write_trivial_masks)
 
 from edgecompile.inputs.lowbit import materialize, read_sidecar, resolve_plan  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
@@ -243,15 +243,6 @@ def time_side_by_side(graphs: dict[str, Path], runs: int, vocab_size: int) -> di
             if round_ >= 3:  # warm-up rounds
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
-
-
-def write_trivial_masks(path: Path, layers: int, width: int) -> Path:
-    """One cluster that keeps everything: the student is compiled whole (the router is then unused)."""
-    from safetensors.numpy import save_file
-
-    save_file({"router.centroids": np.zeros((1, width), np.float32), "cluster.0.blocks": np.ones((layers, 2), np.float32)},
-              str(path), metadata={"format": "edgecompile-masks/1", "router.metric": "l2"})
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:
