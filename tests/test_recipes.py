@@ -131,6 +131,22 @@ def test_mtp_recipe_trains_heads_saves_the_mtp_contract_builds_and_decodes_specu
         assert says in printed
 
 
+def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_decoder_bundle(run, tmp_path, st_student):
+    from factories import make_llama
+
+    llama = make_llama(tmp_path / "llama")  # 4 layers, BPE tokenizer with <s> </s> <pad>
+    code, printed, err = run("recipe_ig_pruning_lm", "--short", "--student", llama, "--router-encoder", st_student,
+                             "--out", tmp_path / "out")
+    assert code == 0, err
+    found, metadata = tensors(tmp_path / "out" / "masks.safetensors")
+    assert metadata == {"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
+    assert found["router.centroids"].shape == (2, 32)
+    assert all(set(np.unique(found[f"cluster.{k}.blocks"])) <= {0.0, 1.0} and found[f"cluster.{k}.blocks"].sum() == 4 for k in range(2))
+    manifest = assert_verified_bundle(tmp_path / "out" / "bundle")
+    assert manifest["student"]["task"] == "causal-lm" and len(manifest["clusters"]) == 2
+    assert "| **routed (all held-out)** |" in printed and "dense: perplexity" in printed and "decode per token" in printed
+
+
 @pytest.mark.parametrize("name, args, says", [
     ("recipe_ig_pruning", ["--model", "/nonexistent/model"], "/nonexistent/model"),
     ("recipe_ig_pruning", ["--sparsity", "1.0"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.0"),
@@ -142,6 +158,8 @@ def test_mtp_recipe_trains_heads_saves_the_mtp_contract_builds_and_decodes_specu
     ("recipe_xtc", ["--model", "/nonexistent/model"], "/nonexistent/model"),
     ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
     ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
+    ("recipe_ig_pruning_lm", ["--student", "/nonexistent/llama"], "/nonexistent/llama: expected a LlamaForCausalLM folder"),
+    ("recipe_ig_pruning_lm", ["--sparsity", "1.5"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.5"),
     ("recipe_mtp", ["--n-future", "1"], "--n-future: expected at least 2 (head 0 and one drafting head), found 1"),
     ("recipe_mtp", ["--layers", "1"], "--layers: expected at least 2 (a trunk layer and head 0), found 1"),
     ("recipe_mtp", ["--kv-heads", "3"], "--kv-heads: expected a divisor of --heads (4), found 3"),
@@ -151,7 +169,7 @@ def test_mtp_recipe_trains_heads_saves_the_mtp_contract_builds_and_decodes_specu
 ])
 def test_recipes_reject_bad_input_in_one_line(run, tmp_path, st_student, name, args, says):
     model = [] if "--model" in args else ["--model", st_student]
-    if name == "recipe_mtp":  # it has no --model: its student is trained from scratch, the encoder only routes
+    if name in ("recipe_mtp", "recipe_ig_pruning_lm"):  # no --model: the student is a decoder, the encoder only routes
         model = [] if "--router-encoder" in args else ["--router-encoder", st_student]
     masks = []
     if name == "recipe_sxbm_projection" and "--masks" not in args:  # a good masks file: only the check under test fails
