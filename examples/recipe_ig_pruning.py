@@ -31,15 +31,14 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, cycle_shuffled,  # noqa: E402
-                           length_batches, minilm, phase, recall_at_k, require, require_file, run_recipe,
-                           sentence_embeddings)
+from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
+from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, length_batches, minilm,  # noqa: E402
+                           phase, recall_at_k, require, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
-from edgecompile.reference.hard_concrete import HardConcreteGates  # noqa: E402
 from edgecompile.families.bert import bert_gates  # noqa: E402
 from edgecompile.reference.masks import ModelGates  # noqa: E402
 from edgecompile.reference.student import load_student_module  # noqa: E402
@@ -50,13 +49,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--model", type=Path, default=None,
                         help="sentence-transformers BERT folder: teacher, student and router encoder [default: all-MiniLM-L6-v2]")
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE, help="corpus JSONL (examples/corpus.py) [default: %(default)s]")
-    parser.add_argument("--clusters", type=int, default=4, help="K, number of clusters [default: %(default)s]")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="share of sub-layers removed, in [0, 1) [default: %(default)s]")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per mask [default: %(default)s]")
-    parser.add_argument("--batch-size", type=int, default=16, help="[default: %(default)s]")
-    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of log_alpha [default: %(default)s]")
-    parser.add_argument("--multiplier-lr", type=float, default=0.02, help="Adam learning rate (ascent) of the L0 constraint's multiplier [default: %(default)s]")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per text in training and evaluation [default: %(default)s]")
+    add_mask_arguments(parser)
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
@@ -66,42 +59,11 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.short:
         args.clusters, args.steps, args.max_texts, args.bench_runs = min(args.clusters, 2), 2, 40, 3
-    require(0.0 <= args.sparsity < 1.0, "--sparsity", "a share of sub-layers in [0, 1)", args.sparsity)
-    for name in ("clusters", "steps", "batch_size", "max_length", "threads", "bench_runs"):
+    check_mask_arguments(args)
+    for name in ("threads", "bench_runs"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
-    require(args.lr > 0 and args.multiplier_lr > 0, "--lr, --multiplier-lr", "positive numbers", f"{args.lr}, {args.multiplier_lr}")
     require_file(args.corpus, "the corpus JSONL")
     return args
-
-
-def layout(blocks: np.ndarray) -> str:
-    """Which sub-layers a mask keeps, per layer: A = attention, F = FFN, - = removed."""
-    return " ".join(("A" if a else "-") + ("F" if f else "-") for a, f in blocks)
-
-
-def train_mask(student, gates: ModelGates, batches: list, targets: torch.Tensor, kept: int, args, seed: int) -> tuple[np.ndarray, float]:
-    """Hard-concrete gates over [L, 2] sub-layers, distilled toward the dense sentence embeddings."""
-    torch.manual_seed(seed)
-    layers = len(gates.sites)
-    mask = HardConcreteGates((layers, 2))
-    optimizer = torch.optim.Adam([
-        {"params": mask.gate_parameters(), "lr": args.lr},
-        {"params": mask.lagrangian_parameters(), "lr": args.multiplier_lr, "maximize": True},  # the constraint's multiplier ascends
-    ])
-    target_kept = kept / (2 * layers)
-    stream = cycle_shuffled(batches, seed)
-    recent: list[float] = []
-    for _ in range(args.steps):
-        batch = next(stream)
-        set_block_gates(gates, mask())
-        embedding = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[1]
-        distill = (1.0 - torch.nn.functional.cosine_similarity(embedding, targets[batch["index"]], dim=1)).mean()
-        loss = distill + mask.penalty(target_kept)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        recent = (recent + [distill.item()])[-10:]
-    return mask.top_k_hard(kept).numpy().astype(np.float32), float(np.mean(recent))
 
 
 @torch.no_grad()
@@ -161,15 +123,24 @@ def main(argv: list[str] | None = None) -> None:
           f"held-out texts routed per cluster {np.bincount(held_cluster, minlength=args.clusters).tolist()}")
 
     gates = bert_gates(student.bert)
+
+    def distillation(targets: torch.Tensor):
+        """1 - cosine to the dense sentence embeddings (`targets`, rows by the batch's text index)."""
+        def loss(batch: dict, blocks: torch.Tensor) -> torch.Tensor:
+            set_block_gates(gates, blocks)
+            embedding = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[1]
+            return (1.0 - torch.nn.functional.cosine_similarity(embedding, targets[batch["index"]], dim=1)).mean()
+        return loss
+
     masks: dict[int, np.ndarray] = {}
     losses: dict[str, float] = {}
     t = phase(f"training hard-concrete masks, {args.steps} steps each: keep {kept} of {2 * layers} sub-layers (sparsity {args.sparsity})")
     for k in range(args.clusters):
         members = [i for i in range(len(train_texts)) if train_cluster[i] == k]
         batches = length_batches(tokenizer, [train_texts[i] for i in members], args.batch_size, args.max_length)
-        masks[k], losses[f"cluster {k}"] = train_mask(student, gates, batches, dense_train[members], kept, args, args.seed + k)
+        masks[k], losses[f"cluster {k}"] = train_block_mask(gates, batches, kept, args, args.seed + k, distillation(dense_train[members]))
         print(f"  cluster {k}: {len(members):4d} texts, final distillation loss {losses[f'cluster {k}']:.4f}, keeps {layout(masks[k])}", flush=True)
-    static, losses["static"] = train_mask(student, gates, train_batches, dense_train, kept, args, args.seed + 1000)
+    static, losses["static"] = train_block_mask(gates, train_batches, kept, args, args.seed + 1000, distillation(dense_train))
     print(f"  static  : {len(train_texts):4d} texts, final distillation loss {losses['static']:.4f}, keeps {layout(static)}")
     print(f"  ({time.perf_counter() - t:.0f} s)")
 

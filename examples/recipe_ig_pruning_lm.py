@@ -31,16 +31,15 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, cycle_shuffled, edgecompile, length_batches,  # noqa: E402
-                           minilm, phase, require, require_dir, require_file, run_recipe, sentence_embeddings)
-from recipe_ig_pruning import layout  # noqa: E402
+from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
+from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, edgecompile, length_batches, minilm,  # noqa: E402
+                           phase, require, require_dir, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.families.llama import gated_linears, load_reference  # noqa: E402
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
-from edgecompile.reference.hard_concrete import HardConcreteGates  # noqa: E402
 from edgecompile.reference.masks import ModelGates  # noqa: E402
 from edgecompile.reference.router import RouterModule  # noqa: E402
 from edgecompile.reference.student import load_student_module  # noqa: E402
@@ -52,13 +51,7 @@ def parse_args(argv: list[str] | None):
                         help="LlamaForCausalLM folder (recipe_mtp.py's output, or any Llama edgecompile builds) [default: %(default)s]")
     parser.add_argument("--router-encoder", type=Path, default=None, help="sentence-transformers folder of the router [default: all-MiniLM-L6-v2]")
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE, help="corpus JSONL (examples/corpus.py) [default: %(default)s]")
-    parser.add_argument("--clusters", type=int, default=4, help="K, number of clusters [default: %(default)s]")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="share of sub-layers removed, in [0, 1) [default: %(default)s]")
-    parser.add_argument("--steps", type=int, default=100, help="training steps per mask [default: %(default)s]")
-    parser.add_argument("--batch-size", type=int, default=16, help="[default: %(default)s]")
-    parser.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of log_alpha [default: %(default)s]")
-    parser.add_argument("--multiplier-lr", type=float, default=0.02, help="Adam learning rate (ascent) of the L0 constraint's multiplier [default: %(default)s]")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per text in training and evaluation [default: %(default)s]")
+    add_mask_arguments(parser)
     parser.add_argument("--samples", type=int, default=16, help="held-out prompts for the build's parity gate [default: %(default)s]")
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens of each parity prompt [default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
@@ -70,11 +63,10 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     if args.short:
         args.clusters, args.steps, args.max_texts, args.samples, args.bench_runs = min(args.clusters, 2), 2, 40, 3, 3
-    require(0.0 <= args.sparsity < 1.0, "--sparsity", "a share of sub-layers in [0, 1)", args.sparsity)
-    for name in ("clusters", "steps", "batch_size", "max_length", "samples", "prompt_tokens", "threads", "bench_runs"):
+    check_mask_arguments(args)
+    for name in ("samples", "prompt_tokens", "threads"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.bench_runs >= 3, "--bench-runs", "at least 3", args.bench_runs)
-    require(args.lr > 0 and args.multiplier_lr > 0, "--lr, --multiplier-lr", "positive numbers", f"{args.lr}, {args.multiplier_lr}")
     require_file(args.corpus, "the corpus JSONL")
     require_dir(args.student, "a LlamaForCausalLM folder (run examples/recipe_mtp.py first, or pass --student)")
     if args.router_encoder is not None:
@@ -106,31 +98,17 @@ def next_token_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     return F.log_softmax(logits[real], dim=-1), batch["input_ids"][:, 1:][real]
 
 
-def train_mask(model, gates: ModelGates, batches: list, kept: int, args, seed: int) -> tuple[np.ndarray, float]:
-    """Hard-concrete gates over [L, 2] sub-layers, distilled toward the dense LM's next-token distributions."""
-    torch.manual_seed(seed)
-    layers = len(gates.sites)
-    mask = HardConcreteGates((layers, 2))
-    optimizer = torch.optim.Adam([
-        {"params": mask.gate_parameters(), "lr": args.lr},
-        {"params": mask.lagrangian_parameters(), "lr": args.multiplier_lr, "maximize": True},
-    ])
-    stream = cycle_shuffled(batches, seed)
-    recent: list[float] = []
-    for _ in range(args.steps):
-        batch = next(stream)
+def distillation(model, gates: ModelGates):
+    """KL(dense || pruned) of the next-token distributions per real token: the dense targets with every
+    gate 1, then the student with the sampled gates."""
+    def loss(batch: dict, blocks: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            set_block_gates(gates, torch.ones(layers, 2))
+            set_block_gates(gates, torch.ones_like(blocks))
             dense, _ = next_token_log_probs(model, batch)
-        set_block_gates(gates, mask())
+        set_block_gates(gates, blocks)
         pruned, _ = next_token_log_probs(model, batch)
-        distill = F.kl_div(pruned, dense, log_target=True, reduction="batchmean")
-        loss = distill + mask.penalty(kept / (2 * layers))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        recent = (recent + [distill.item()])[-10:]
-    return mask.top_k_hard(kept).numpy().astype(np.float32), float(np.mean(recent))
+        return F.kl_div(pruned, dense, log_target=True, reduction="batchmean")
+    return loss
 
 
 @torch.no_grad()
@@ -198,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     for k in range(args.clusters):
         members = [i for i in range(len(train_texts)) if train_cluster[i] == k]
         batches = lm_batches(tokenizer, [train_texts[i] for i in members], args.batch_size, args.max_length)
-        masks[k], loss = train_mask(model, gates, batches, kept, args, args.seed + k)
+        masks[k], loss = train_block_mask(gates, batches, kept, args, args.seed + k, distillation(model, gates))
         print(f"  cluster {k}: {len(members):4d} texts, final KL to dense {loss:.4f}, keeps {layout(masks[k])}", flush=True)
-    static, loss = train_mask(model, gates, train_batches, kept, args, args.seed + 1000)
+    static, loss = train_block_mask(gates, train_batches, kept, args, args.seed + 1000, distillation(model, gates))
     print(f"  static  : {len(train_texts):4d} texts, final KL to dense {loss:.4f}, keeps {layout(static)}")
     print(f"  ({time.perf_counter() - t:.0f} s)")
 
