@@ -44,7 +44,8 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f" {f}" in flags) or "none of " + ",".join(wanted)
 
 
-def make_checkpoint(directory: Path, quick: bool) -> Path:
+def make_checkpoint(directory: Path, quick: bool, seed: int = 0) -> Path:
+    """The benchmark's random Llama (hidden 512, 8 layers, 8 / 2 heads, FFN 1408, vocab 32000; smaller if quick)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -56,7 +57,7 @@ def make_checkpoint(directory: Path, quick: bool) -> Path:
     config = LlamaConfig(vocab_size=32000, hidden_size=512 if not quick else 128, intermediate_size=1408 if not quick else 352,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(str(directory))
     return directory
 
@@ -103,16 +104,14 @@ def build_ours(checkpoint: Path, work: Path, name: str = "bundle") -> Path:
 
 def router_ms(bundle: Path, rounds: int) -> float:
     """Median wall time of the bundle's router on one sample prompt (it runs once per generation), one thread."""
-    import onnxruntime as ort
-
     from edgecompile.bundle.store import load_bundle
     from edgecompile.inputs.router import encode_role
+    from edgecompile.lowering.targets import target_from_dict
+    from edgecompile.serve.runtime import create_session
 
     reader = load_bundle(bundle)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    session = ort.InferenceSession(str(bundle / reader.manifest["targets"]["cpu"]["graphs"]["router"]["file"]), options,
-                                   providers=["CPUExecutionProvider"])
+    entry = reader.target("cpu")
+    session = create_session(reader.graph_file(entry, "router"), target_from_dict(entry["target"]), 1)
     times = []
     for sample in encode_role(reader, "router", PROMPTS.splitlines()) * (rounds + 1):
         feed = {"input_ids": sample.input_ids[None], "attention_mask": np.ones_like(sample.input_ids)[None]}

@@ -44,31 +44,26 @@ PROMPTS = ("How do I reset my password?", "The quick brown fox jumps over the la
 def random_student(directory: Path, n: int, quick: bool, ceiling: bool = False) -> Path:
     """The random student with n - 1 extra heads initialised like transformers initialises a layer, or (ceiling)
     with heads whose drafts are always right."""
-    import torch
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from factories import add_mtp_heads, write_bpe_tokenizer
+    from bench_decoder import make_checkpoint
+    from factories import add_mtp_heads
 
     if (directory / "model.safetensors").is_file():
         return directory
-    write_bpe_tokenizer(directory)
-    config = LlamaConfig(vocab_size=32000, hidden_size=128 if quick else 512, intermediate_size=352 if quick else 1408,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(n)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
+    make_checkpoint(directory, quick, seed=n)
     if ceiling:
         return add_mtp_heads(directory, n, copies=True, predict_well=True)
-    heads = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "num_hidden_layers": n - 1}))  # n - 1 fresh layers
+    config = json.loads((directory / "config.json").read_text())
+    heads = LlamaForCausalLM(LlamaConfig(**{**config, "num_hidden_layers": n - 1}))  # n - 1 fresh layers
     tensors = load_file(str(directory / "model.safetensors"))
     for name, value in heads.state_dict().items():
         if name.startswith("model.layers."):
             j, rest = name[len("model.layers."):].split(".", 1)
             tensors[f"extra_heads.{j}.{rest}"] = value.clone()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    saved = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**saved, "n_future_tokens": n}, indent=2))
+    (directory / "config.json").write_text(json.dumps({**config, "n_future_tokens": n}, indent=2))
     return directory
 
 
@@ -108,13 +103,14 @@ def build(student: Path, out: Path) -> Path:
 
 
 def cluster_session(bundle: Path):
-    import onnxruntime as ort
+    """A one-thread session on the bundle's cpu cluster_0 graph, and the bundle."""
+    from edgecompile.bundle.store import load_bundle
+    from edgecompile.lowering.targets import target_from_dict
+    from edgecompile.serve.runtime import create_session
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    return ort.InferenceSession(str(bundle / manifest["targets"]["cpu"]["graphs"]["cluster_0"]["file"]), options,
-                                providers=["CPUExecutionProvider"]), manifest
+    reader = load_bundle(bundle)
+    entry = reader.target("cpu")
+    return create_session(reader.graph_file(entry, "cluster_0"), target_from_dict(entry["target"]), 1), reader
 
 
 def measure(bundle: Path, baseline: Path, new_tokens: int, rounds: int) -> dict[str, float]:
@@ -123,9 +119,9 @@ def measure(bundle: Path, baseline: Path, new_tokens: int, rounds: int) -> dict[
     from edgecompile.serve.generate import greedy
     from edgecompile.serve.speculative import speculative_greedy
 
-    session, manifest = cluster_session(bundle)
+    session, reader = cluster_session(bundle)
     plain_session, _ = cluster_session(baseline)
-    tokenizer = AutoTokenizer.from_pretrained(str(bundle / manifest["student"]["tokenizer"]))
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle / reader.manifest["student"]["tokenizer"]))
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     plain_ms, fast_ms, drafted, accepted, tokens, passes = [], [], 0, 0, 0, 0
     for round_ in range(rounds + 1):  # round 0 warms up
