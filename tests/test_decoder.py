@@ -287,6 +287,10 @@ BAD_CHECKPOINTS = {
     "rope_type": (lambda c: c.update({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}} if TRANSFORMERS_MAJOR >= 5
                                      else {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
                   None, ("config.json", "rope type", "'yarn'")),
+    "rope_scaling_beside_rope_parameters": (
+        lambda c: c.update({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
+                            "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), None,
+        ("config.json", "'rope_scaling'", "yarn") if TRANSFORMERS_MAJOR >= 5 else ("config.json", "rope_parameters", "transformers>=5")),
     "attention_bias": (lambda c: c.update(attention_bias=True), None, ("config.json", "'attention_bias'", "expected False")),
     "hidden_act": (lambda c: c.update(hidden_act="gelu"), None, ("config.json", "'hidden_act'", "'silu'", "'gelu'")),
     "kv_heads": (lambda c: c.update(num_key_value_heads=3), None, ("config.json", "num_key_value_heads", "3")),

@@ -20,6 +20,7 @@ see a config that one of the two reads differently.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,11 @@ def check_config(path: Path, config: dict[str, Any]) -> str:
             f"{transformers.__version__} would read this model with rope_theta 10000 and no scaling (a different model); "
             "install transformers>=5"
         )
+    if "rope_parameters" in config and config.get("rope_scaling"):
+        # transformers 5 never writes both; given both it applies rope_scaling, so reading either one alone could
+        # compile a different RoPE than the model has
+        raise input_error(path, "'rope_scaling'", "absent beside 'rope_parameters' (transformers 5 keeps RoPE there)",
+                          json.dumps(config["rope_scaling"]))
     rope = rope_parameters(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
