@@ -96,6 +96,39 @@ def test_verify_does_not_take_loosened_tolerances_from_the_manifest(bundle, cli)
     assert_one_line_error(cli("verify", bundle), "targets.cpu.target.parity.max_relative_error", "at most 0.0001", "1e+30", code=5)
 
 
+TOLERANCES = ("max_relative_error", "min_cosine", "min_argmax_agreement", "min_router_agreement",
+              "lowbit_max_relative_error", "lowbit_min_cosine")
+
+
+@pytest.mark.parametrize("key", TOLERANCES)
+def test_verify_refuses_each_tolerance_loosened_alone(bundle, cli, key):
+    """Every recorded tolerance, the lowbit_* ones included, may only be at least as strict as the tool's."""
+    tool = json.loads((bundle / "manifest.json").read_text())["targets"]["cpu"]["target"]["parity"][key]
+    loose = 0.0 if "min_" in key else 1e30
+    edit_manifest(bundle, lambda m: m["targets"]["cpu"]["target"]["parity"].update({key: loose}))
+    assert_one_line_error(cli("verify", bundle), f"targets.cpu.target.parity.{key}",
+                          f"at {'least' if 'min_' in key else 'most'} {tool:g}", f"found {loose:g}", code=5)
+
+
+@pytest.mark.parametrize("key", TOLERANCES)
+def test_verify_accepts_each_tolerance_made_stricter(bundle, cli, key):
+    tool = json.loads((bundle / "manifest.json").read_text())["targets"]["cpu"]["target"]["parity"][key]
+    strict = tool + (1 - tool) / 2 if "min_" in key else tool / 2
+    edit_manifest(bundle, lambda m: m["targets"]["cpu"]["target"]["parity"].update({key: strict}))
+    code, out, err = cli("verify", bundle)
+    assert code == 0 and "parity passed" in err, err
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("max_relative_error", -1.0, ">= 0"), ("lowbit_max_relative_error", float("nan"), ">= 0"),
+    ("min_cosine", 2.0, "in [0, 1]"), ("lowbit_min_cosine", 1.5, "in [0, 1]"), ("min_cosine", "0.5", "in [0, 1]"),
+])
+def test_verify_refuses_tolerances_no_target_could_have(bundle, cli, key, value, expected):
+    """A negative error bound or a cosine above 1 cannot come from a target: exit 5, not a parity failure (3)."""
+    edit_manifest(bundle, lambda m: m["targets"]["cpu"]["target"]["parity"].update({key: value}))
+    assert_one_line_error(cli("verify", bundle), f"targets.cpu.target.parity.{key}", expected, code=5)
+
+
 def test_verify_accepts_only_paths_inside_the_bundle(bundle, tmp_path, cli):
     outside = tmp_path / "outside.onnx"
     outside.write_bytes((bundle / "cpu" / "cluster_0.onnx").read_bytes())

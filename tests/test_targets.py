@@ -81,3 +81,10 @@ def test_tolerances_must_be_finite_and_in_range(tmp_path, bad):
     path.write_text(CPU.replace("min_cosine = 0.9999", f"min_cosine = {bad}"))
     with pytest.raises(InputError, match=r"key 'parity.min_cosine': expected a finite number in \[0, 1\]"):
         load_target_file(path)
+
+
+def test_lowbit_min_cosine_is_a_fraction_like_min_cosine(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text(CPU.replace("lowbit_min_cosine = 0.999", "lowbit_min_cosine = 1.5"))
+    with pytest.raises(InputError, match=r"key 'parity.lowbit_min_cosine': expected a finite number in \[0, 1\]"):
+        load_target_file(path)

@@ -85,6 +85,11 @@ class ParityTolerances:
     lowbit_min_cosine: float = 0.999
 
 
+def is_lower_bound(key: str) -> bool:
+    """min_* and lowbit_min_* tolerances are fractions a result must reach; the others bound an error from above."""
+    return key.removeprefix("lowbit_").startswith("min_")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -202,7 +207,7 @@ def load_target_file(path: Path) -> Target:
     if not NAME.match(v[""]["name"]):
         raise input_error(path, "key 'name'", "lowercase letters, digits, '-' or '_' (it names the bundle folder)", repr(v[""]["name"]))
     for key, value in v["parity"].items():
-        bounded = key.startswith("min_")
+        bounded = is_lower_bound(key)
         if not math.isfinite(value) or value < 0 or (bounded and value > 1):
             raise input_error(path, f"key 'parity.{key}'", "a finite number in [0, 1]" if bounded else "a finite number >= 0", value)
     for key in ("batch", "sequence"):
@@ -300,9 +305,12 @@ def target_from_dict(recorded: Any, where: str | None = None) -> Target:
     tolerances = {}
     for key in (f.name for f in fields(ParityTolerances)):
         rule, value = getattr(tool.parity, key), parity.get(key, getattr(tool.parity, key))
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BundleError(f"{where}.parity.{key}: expected a finite number, found {value!r}"[:300])
-        at_most = key.startswith("max_")
+        bounded = is_lower_bound(key)  # the ranges load_target_file enforces
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                bounded and value > 1):
+            raise BundleError(f"{where}.parity.{key}: expected a finite number "
+                              f"{'in [0, 1]' if bounded else '>= 0'}, found {value!r}"[:300])
+        at_most = not bounded  # max_* and lowbit_max_* bound an error from above
         if (value > rule) if at_most else (value < rule):
             raise BundleError(f"{where}.parity.{key}: expected {'at most' if at_most else 'at least'} {rule:g} "
                               f"(target '{name}' of this edgecompile), found {value:g}")
