@@ -4,6 +4,9 @@ rules the tool owns (its own targets' tolerances, paths inside the bundle), neve
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,28 @@ def test_a_plugin_named_in_the_manifest_is_never_imported(bundle, tmp_path, monk
         result = cli(command[0], bundle, *command[1:])
         assert not ran.exists(), (command, result)
         assert_one_line_error(result, "targets.cpu.target.provider", "CPUExecutionProvider", "ProbeExecutionProvider", code=5)
+
+
+def test_a_tokenizer_folder_with_custom_code_is_never_run_even_if_the_user_says_yes(bundle, tmp_path):
+    """transformers asks "Do you wish to run the custom code? [y/N]" for a folder whose config has an auto_map;
+    a bundle's tokenizer is data: nothing is asked, nothing runs, and the bundle is refused in one line."""
+    ran = tmp_path / "the_tokenizer_code_ran"
+    tokenizer = bundle / "tokenizer"
+    (tokenizer / "configuration_probe.py").write_text(
+        f"from pathlib import Path\nPath({str(ran)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n\nclass ProbeConfig(PretrainedConfig):\n    model_type = 'probe'\n")
+    (tokenizer / "config.json").write_text(json.dumps(
+        {"model_type": "probe", "auto_map": {"AutoConfig": "configuration_probe.ProbeConfig"}}))
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    settings.pop("tokenizer_class", None)  # so transformers looks the tokenizer up through the config
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    rehash(bundle, "tokenizer/configuration_probe.py", "tokenizer/config.json", "tokenizer/tokenizer_config.json")
+    for command in READING_COMMANDS[:2]:  # verify, run (one tokenizer loader serves every command)
+        result = subprocess.run([sys.executable, "-m", "edgecompile", command[0], str(bundle), *command[1:]], input="y\ny\n",
+                                capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert not ran.exists(), (command, result.stderr)
+        assert "[y/N]" not in result.stdout + result.stderr, result.stderr
+        assert_one_line_error((result.returncode, result.stdout, result.stderr), "tokenizer", code=5)
 
 
 def test_plugin_keys_of_a_target_file_are_rejected(cli, tmp_path, st_student, router_encoder):

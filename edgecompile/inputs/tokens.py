@@ -28,7 +28,9 @@ def load_tokenizer(directory: Path):
 
     transformers.logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        # trust_remote_code=False: a folder's auto_map (a bundle's, or a student's) never runs its code, and
+        # transformers does not stop to ask "Do you wish to run the custom code? [y/N]" either
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise InputError(f"{directory}: cannot load the tokenizer ({one_line(exc)})") from None
 
