@@ -207,3 +207,48 @@ def test_an_untampered_bundle_still_verifies(bundle, cli):
     code, out, err = cli("verify", bundle)
     assert code == 0 and "parity passed" in err, err
     assert json.loads((bundle / "manifest.json").read_text())["schema"] == "edgecompile-bundle/1"
+
+
+def _keys(obj, path=()):
+    """Every key path of the manifest, lists followed into their first element."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj[:1]) if isinstance(obj, list) else ()
+    for key, value in items:
+        yield path + (key,)
+        yield from _keys(value, path + (key,))
+
+
+def test_inspect_of_a_manifest_missing_any_key_is_one_line_or_a_summary(built, tmp_path, cli):
+    """Whatever key a damaged manifest lacks, `inspect` prints a summary or one line (exit 5), never a traceback."""
+    manifest = json.loads((built / "manifest.json").read_text())
+    bundle = copy_bundle(built, tmp_path / "bundle")
+    paths = [p for p in _keys(manifest) if isinstance(p[-1], str) and "files" not in p[:1]]
+    assert len(paths) > 100
+    for path in paths:
+        damaged = json.loads(json.dumps(manifest))
+        parent = damaged
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+        (bundle / "manifest.json").write_text(json.dumps(damaged))
+        code, _, err = cli("inspect", bundle)
+        assert code in (0, 5) and "Traceback" not in err, (path, code, err)
+        if code == 5:
+            assert_one_line_error((code, "", err), "manifest.json", code=5)
+
+
+@pytest.mark.parametrize(("change", "needles", "commands"), [
+    (lambda m: m.pop("tool"), ("manifest.json", "'tool'", "missing"), ("inspect",)),
+    (lambda m: m["student"].update(layers=None), ("manifest.json", "inspect",), ("inspect",)),
+    (lambda m: m["router"].update(tokenization="x"), ("router.tokenization", "expected a dict", "'x'"), ("run", "verify")),
+    (lambda m: m["router"]["tokenization"].update(truncate_characters="9"), ("router.tokenization.truncate_characters", "'9'"),
+     ("run", "verify")),
+    (lambda m: m["student"].update(max_seq_length=-1), ("student.max_seq_length", "a positive integer", "-1"), ("run", "verify")),
+    (lambda m: m["targets"]["cpu"]["graphs"].pop("router"), ("targets.cpu.graphs", "'router'"), ("run",)),
+    (lambda m: m["targets"]["cpu"].update(lowbit_graphs=-1), ("targets.cpu.lowbit_graphs", "-1"), ("verify", "inspect")),
+], ids=["no tool", "layers null", "tokenization a string", "truncate a string", "negative length", "no router graph",
+        "lowbit_graphs a number"])
+def test_manifest_values_of_the_wrong_form_are_one_line(bundle, cli, change, needles, commands):
+    edit_manifest(bundle, change)
+    for command in commands:
+        args = ("--text", "hello there") if command == "run" else ()
+        assert_one_line_error(cli(command, bundle, *args), *needles, code=5)

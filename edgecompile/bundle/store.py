@@ -39,6 +39,9 @@ ROUTER_TOKENIZER = "router_tokenizer"
 MANIFEST = "manifest.json"
 STAGING_MARKER = ".edgecompile-staging.json"  # in folders a build makes beside --out (staging.py); never part of a bundle
 WEIGHTS = "weights.bin"
+# student/router.tokenization (inputs/router.Tokenization): key -> the JSON types it may hold
+TOKENIZATION_KEYS = {"special_tokens": (bool,), "truncate_characters": (int, type(None)), "drop_token_id": (int, type(None)),
+                     "drop_before_truncation": (bool,)}
 SHARED_THRESHOLD = 1024
 ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped by onnxruntime
 
@@ -187,6 +190,9 @@ class Bundle:
 
     def graph_file(self, target: dict[str, Any], graph: str) -> Path:
         """A graph's file, which must exist (run and bench do not re-hash the bundle)."""
+        if graph not in target["graphs"]:
+            raise BundleError(f"{self.root / MANIFEST}: targets.{target['target']['name']}.graphs: expected a graph "
+                              f"'{graph}', found only {', '.join(target['graphs']) or 'none'}")
         path = self.file(target["graphs"][graph]["file"])
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle (listed in manifest.json); run `edgecompile verify`")
@@ -233,11 +239,25 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{path}: {where}: expected a relative path inside the bundle, found {rel!r} (outside the bundle)"[:300])
         return rel
 
+    def positive(obj: dict, key: str, where: str) -> None:
+        value = need(obj, key, int, where)
+        if isinstance(value, bool) or value < 1:
+            raise BundleError(f"{path}: {where}{key}: expected a positive integer, found {value!r}")
+
     for role in ("student", "router"):
         section = need(manifest, role, dict, "")
-        for key, kind in (("tokenizer", str), ("max_seq_length", int), ("vocab_size", int)):
-            need(section, key, kind, f"{role}.")
+        need(section, "tokenizer", str, f"{role}.")
+        for key in ("max_seq_length", "vocab_size"):
+            positive(section, key, f"{role}.")
         inside(section["tokenizer"], f"{role}.tokenizer")
+        tokenization = section.get("tokenization")  # absent in bundles written before routers recorded it
+        if tokenization is not None:
+            need(section, "tokenization", dict, f"{role}.")
+            for key, kinds in TOKENIZATION_KEYS.items():
+                value = tokenization.get(key)
+                if key in tokenization and not (isinstance(value, kinds) and (bool in kinds) == isinstance(value, bool)):
+                    raise BundleError(f"{path}: {role}.tokenization.{key}: expected "
+                                      f"{' or '.join('null' if k is type(None) else k.__name__ for k in kinds)}, found {value!r}"[:300])
     for i, cluster in enumerate([need(manifest, "dense", dict, "")] + need(manifest, "clusters", list, "")):
         where = "dense." if i == 0 else f"clusters[{i - 1}]."
         for key, kind in (("graph", str), ("parameters", int), ("macs_per_token", dict), ("bytes", dict)):
@@ -255,6 +275,10 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
         for key, kind in (("provider", str), ("precision", str), ("format", str), ("parity_executed_on", str),
                           ("dynamic_shapes", bool), ("placement", dict)):
             need(target, key, kind, f"targets.{name}.")
+        if "lowbit_graphs" in target and not (isinstance(target["lowbit_graphs"], list)
+                                              and all(isinstance(g, str) for g in target["lowbit_graphs"])):
+            raise BundleError(f"{path}: targets.{name}.lowbit_graphs: expected a list of graph names, "
+                              f"found {target['lowbit_graphs']!r}"[:300])
         for graph, info in need(target, "graphs", dict, f"targets.{name}.").items():
             file = inside(need(info, "file", str, f"targets.{name}.graphs.{graph}."), f"targets.{name}.graphs.{graph}.file")
             if file not in files:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from edgecompile.bundle.store import Bundle
+from edgecompile.bundle.store import MANIFEST, Bundle
+from edgecompile.errors import BundleError, one_line
 
 
 def _millions(n: float) -> str:
@@ -29,6 +30,22 @@ def runtime_line(t: dict) -> str:
 
 
 def bundle_summary(bundle: Bundle) -> str:
+    """The summary; a manifest lacking a key it shows, or holding a value of another form, is one BundleError.
+
+    load_bundle checked the keys every command needs; the descriptive ones only `inspect` reads are
+    checked here, by reading them: this function only formats manifest data, so such an error is the data's.
+    """
+    try:
+        return _summary(bundle)
+    except KeyError as exc:
+        raise BundleError(f"{bundle.root / MANIFEST}: key {exc.args[0]!r}: expected it (edgecompile writes it), "
+                          "found it missing") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise BundleError(f"{bundle.root / MANIFEST}: expected the keys and value types edgecompile writes, found a "
+                          f"value `inspect` cannot show ({type(exc).__name__}: {one_line(exc)})") from None
+
+
+def _summary(bundle: Bundle) -> str:
     m = bundle.manifest
     s, r = m["student"], m["router"]
     tool = m["tool"]
