@@ -50,6 +50,15 @@ def test_force_does_not_replace_a_bundle_holding_a_file_of_yours(build_into, bui
     assert_one_line_error(build_into(out, "--force"), str(out), "cpu/weights.bin")
 
 
+def test_force_does_not_replace_a_bundle_holding_a_file_named_like_the_staging_marker(build_into, built, cli, tmp_path):
+    """A build removes its marker before committing, so a bundle never holds one: that file is somebody else's."""
+    out = copy_bundle(built, tmp_path / "bundle")
+    (out / ".edgecompile-staging.json").write_text("my notes")
+    assert_one_line_error(build_into(out, "--force"), str(out), ".edgecompile-staging.json", "not listed")
+    assert (out / ".edgecompile-staging.json").read_text() == "my notes"
+    assert_one_line_error(cli("verify", out), ".edgecompile-staging.json", "not listed", code=5)
+
+
 def test_force_replaces_a_genuine_bundle_and_leaves_nothing_beside_it(build_into, built, tmp_path):
     out = copy_bundle(built, tmp_path / "bundle")
     code, _, err = build_into(out, "--force")

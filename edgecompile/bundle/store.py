@@ -297,6 +297,7 @@ def check_hashes(bundle: Bundle) -> list[str]:
             problems.append(f"{rel}: missing")
         elif (found := sha256_file(path)) != entry["sha256"]:
             problems.append(f"{rel}: sha256 expected {entry['sha256'][:12]}…, found {found[:12]}…")
-    on_disk = set(bundle_files(bundle.root))
+    # the staging marker is removed before a bundle is committed: a file of that name in a bundle is not ours
+    on_disk = {rel for rel in _entries(bundle.root) if rel != MANIFEST}
     problems += [f"{rel}: not listed in the manifest" for rel in sorted(on_disk - set(recorded))]
     return problems
