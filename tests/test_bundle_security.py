@@ -245,10 +245,12 @@ def test_inspect_of_a_manifest_missing_any_key_is_one_line_or_a_summary(built, t
     (lambda m: m["student"].update(max_seq_length=-1), ("student.max_seq_length", "a positive integer", "-1"), ("run", "verify")),
     (lambda m: m["targets"]["cpu"]["graphs"].pop("router"), ("targets.cpu.graphs", "'router'"), ("run",)),
     (lambda m: m["targets"]["cpu"].update(lowbit_graphs=-1), ("targets.cpu.lowbit_graphs", "-1"), ("verify", "inspect")),
+    (lambda m: m["router"].update(macs_per_token="x"), ("router.macs_per_token.total", "None"), ("bench",)),
+    (lambda m: m["clusters"][0].update(graph="x"), ("clusters", "cluster_<id>", "'x'"), ("bench",)),
 ], ids=["no tool", "layers null", "tokenization a string", "truncate a string", "negative length", "no router graph",
-        "lowbit_graphs a number"])
+        "lowbit_graphs a number", "router MACs a string", "cluster graph renamed"])
 def test_manifest_values_of_the_wrong_form_are_one_line(bundle, cli, change, needles, commands):
     edit_manifest(bundle, change)
     for command in commands:
-        args = ("--text", "hello there") if command == "run" else ()
+        args = next((c[1:] for c in READING_COMMANDS if c[0] == command), ())
         assert_one_line_error(cli(command, bundle, *args), *needles, code=5)

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.bundle.store import Bundle
-from edgecompile.errors import input_error
+from edgecompile.bundle.store import MANIFEST, Bundle
+from edgecompile.errors import BundleError, input_error
 from edgecompile.lowering.targets import Target, target_from_dict
 from edgecompile.serve.runtime import create_session
 
@@ -88,11 +88,23 @@ def resolve_shape(target: Target, batch: int | None, sequence: int | None) -> tu
 
 
 def _macs(bundle: Bundle) -> dict[str, int]:
+    """MACs per token by graph, from the manifest (load_bundle checked that the sections are tables)."""
     m = bundle.manifest
-    macs = {c["graph"]: c["macs_per_token"]["total"] for c in m["clusters"]}
-    macs["dense"] = m["dense"]["macs_per_token"]["total"]
-    if "macs_per_token" in m["router"]:
-        macs["router"] = m["router"]["macs_per_token"]["total"]
+    sections = {c.get("graph"): (f"clusters[{i}]", c) for i, c in enumerate(m["clusters"])}
+    sections["dense"] = ("dense", m["dense"])
+    if "macs_per_token" in m["router"]:  # bundles from before routers recorded their cost have none
+        sections["router"] = ("router", m["router"])
+    macs = {}
+    for graph, (where, section) in sections.items():
+        total = section["macs_per_token"].get("total") if isinstance(section["macs_per_token"], dict) else None
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise BundleError(f"{bundle.root / MANIFEST}: {where}.macs_per_token.total: expected a number of MACs, "
+                              f"found {total!r}"[:300])
+        macs[graph] = total
+    graphs = {f"cluster_{c['id']}" for c in m["clusters"] if isinstance(c.get("id"), int)}
+    if set(macs) - {"dense", "router"} != graphs:
+        raise BundleError(f"{bundle.root / MANIFEST}: clusters: expected graph names cluster_<id> for ids "
+                          f"{sorted(int(g[8:]) for g in graphs)}, found {sorted(g for g in macs if g not in ('dense', 'router'))}"[:300])
     return macs
 
 
