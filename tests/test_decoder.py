@@ -253,6 +253,35 @@ def test_llama3_rope_saved_by_transformers_5_matches_transformers(models_dir):
     assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
 
 
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="configs with rope_parameters are written by transformers 5")
+def test_llama3_config_saved_by_transformers_5_builds_to_transformers_own_greedy_tokens(models_dir, llama_router, prompts_file,
+                                                                                        tmp_path, cli):
+    """Issue 8's round trip: a Llama-3-style checkpoint saved by transformers 5, `edgecompile build`, `edgecompile run`:
+    the same tokens as transformers 5's own greedy `generate` on that checkpoint (no edgecompile code in the reference)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    path = make_llama(models_dir / "llama3_round_trip", seed=12, rope=rope, max_positions=256)
+    assert json.loads((path / "config.json").read_text())["rope_parameters"] == rope
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}},
+                        np.random.default_rng(0).standard_normal((1, 24)).astype(np.float32))
+    out = tmp_path / "bundle"
+    code, _, stderr = cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--samples", prompts_file,
+                          "--out", out, "-q")
+    assert code == 0, stderr
+    model = LlamaForCausalLM.from_pretrained(str(path)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    for prompt in PROMPTS[:2]:
+        code, stdout, stderr = cli("run", out, "--prompt", prompt, "--max-new-tokens", "40")
+        assert code == 0, stderr
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            expected = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+        assert json.loads(stdout)["token_ids"] == expected and len(expected) >= 8, (prompt, expected)
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 reads rope_parameters")
 def test_rope_parameters_under_transformers_4_are_refused(models_dir, llama_router, prompts_file, tmp_path, cli):
     path = make_llama(models_dir / "llama_rope4", seed=9)
