@@ -105,6 +105,16 @@ def test_a_user_target_named_like_a_shipped_one_is_refused(cli, tmp_path, monkey
     assert not (tmp_path / "b").exists()
 
 
+def test_a_target_file_named_like_a_shipped_target_may_not_loosen_it(cli, tmp_path, st_student, router_encoder):
+    """verify judges a bundle by the target named in it: a looser copy of cpu.toml would build a bundle that never verifies."""
+    copy = tmp_path / "mine.toml"
+    copy.write_text((SHIPPED / "cpu.toml").read_text().replace("max_relative_error = 1e-4", "max_relative_error = 0.5"))
+    result = cli("build", st_student, "--masks", tmp_path / "unused.safetensors", "--router-encoder", router_encoder,
+                 "--out", tmp_path / "b", "--target", copy, "-q")
+    assert_one_line_error(result, str(copy), "parity.max_relative_error", "at most 0.0001", "found 0.5", "rename this target")
+    assert not (tmp_path / "b").exists()
+
+
 def _perturb_reference(bundle: Path, factor: float) -> None:
     """Reference outputs a little off: the bundle's graphs no longer match them."""
     path = bundle / "reference" / "outputs.safetensors"

@@ -250,7 +250,7 @@ def load_target_file(path: Path) -> Target:
 
 def load_target(name_or_path: str) -> Target:
     if name_or_path.endswith(".toml") or os.sep in name_or_path:
-        return load_target_file(Path(name_or_path))
+        return _check_known_name(Path(name_or_path), load_target_file(Path(name_or_path)))
     known = available_targets()
     if name_or_path not in known:
         raise InputError(
@@ -264,6 +264,23 @@ def load_target(name_or_path: str) -> Target:
     if target.name != name_or_path:
         raise input_error(known[name_or_path], "key 'name'", f"'{name_or_path}' (its file name, by which it was found)",
                           repr(target.name))
+    return target
+
+
+def _check_known_name(path: Path, target: Target) -> Target:
+    """A target file given by path under the name of a known target (a copy of cpu.toml, say) builds a bundle that
+    `verify` holds to the known definition, looked up by name: its provider must be that target's and its
+    tolerances at least as strict, or the bundle could never verify."""
+    from edgecompile.errors import BundleError, EnvironmentProblem
+
+    known = available_targets().get(target.name)
+    if known is None or known.resolve() == path.resolve():
+        return target
+    try:
+        target_from_dict(target_to_dict(target), f"{path}: target")
+    except (BundleError, EnvironmentProblem) as exc:
+        raise InputError(f"{exc}; a bundle records its target by name and `verify` checks it against {known}: "
+                         "rename this target (its 'name' key) or keep that provider and tolerances") from None
     return target
 
 
