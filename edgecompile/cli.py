@@ -174,7 +174,9 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.bench import bench_bundle, bench_table, write_plot
 
-    for option, path in (("--json", json_path), ("--plot", plot_path)):
+    derived_plot = plot_path is None and json_path is not None  # the plot goes beside the JSON: checked alike
+    plot_path = plot_path or (json_path.with_suffix(".png") if json_path else None)
+    for option, path in (("--json", json_path), ("--plot" if not derived_plot else "--json (its plot)", plot_path)):
         if path is not None and (path.is_dir() or not path.parent.is_dir()):
             raise InputError(f"{path}: {option}: expected a file path in an existing folder, found "
                              f"{'a folder' if path.is_dir() else 'a missing parent folder'}")
@@ -198,7 +200,6 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
     click.echo(bench_table(report))
     if json_path:
         _write_atomically(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
-        plot_path = plot_path or json_path.with_suffix(".png")
     if plot_path:
         click.echo(f"plot written to {write_plot(report, plot_path)}", err=True)
 
@@ -207,10 +208,10 @@ def _enclosing_bundle(path: Path, bundle_dir: Path) -> Path | None:
     """The bundle a file written at `path` would land in (writing there would change or break it), if any."""
     from edgecompile.bundle.store import MANIFEST, SCHEMA_VERSION
 
-    folder = path.parent.resolve()
-    if folder.is_relative_to(bundle_dir.resolve()):
+    folders = {path.parent.resolve(), path.resolve().parent}  # the latter: a symbolic link at `path` is written through
+    if any(folder.is_relative_to(bundle_dir.resolve()) for folder in folders):
         return bundle_dir
-    for candidate in (folder, *folder.parents):
+    for candidate in {c for folder in folders for c in (folder, *folder.parents)}:
         try:
             if json.loads((candidate / MANIFEST).read_text(encoding="utf-8")).get("schema") == SCHEMA_VERSION:
                 return candidate

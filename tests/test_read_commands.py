@@ -24,6 +24,17 @@ def test_bench_json_refuses_to_write_inside_a_bundle(cli, bundle):
     assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "cpu" / "bench.json").exists()
 
 
+def test_bench_never_writes_into_a_bundle_through_a_symbolic_link(cli, bundle, tmp_path):
+    """The plot is saved through a link at its path: a link into a bundle (given, or beside --json) is refused."""
+    before = (bundle / "parity.md").read_bytes()
+    (tmp_path / "plot.png").symlink_to(bundle / "parity.md")
+    (tmp_path / "report.png").symlink_to(bundle / "parity.md")
+    for options in (("--plot", tmp_path / "plot.png"), ("--json", tmp_path / "report.json")):
+        result = cli("bench", bundle, "--runs", "3", "--warmup", "0", "--sequence", "8", *options)
+        assert_one_line_error(result, str(tmp_path), "inside the bundle")
+    assert (bundle / "parity.md").read_bytes() == before and not (tmp_path / "report.json").exists()
+
+
 def test_bench_json_writes_beside_the_bundle(cli, bundle, tmp_path):
     code, _, err = cli("bench", bundle, "--runs", "3", "--warmup", "0", "--sequence", "8", "--json", tmp_path / "bench.json")
     assert code == 0, err
