@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from edgecompile import __version__
-from edgecompile.errors import EdgecompileError, InputError, ParityError, is_disk_full, one_line
+from edgecompile.errors import BundleError, EdgecompileError, InputError, ParityError, is_disk_full, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -276,6 +276,9 @@ def targets() -> None:
                    f"onnxruntime >= {target.min_onnxruntime:<5} {where}\n{'':<14} {target.description}  [{path}]")
 
 
+BUNDLE_READERS = ("inspect", "run", "verify", "bench", "compare-routers")
+
+
 def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     """Run one command: (exit code, message for stderr)."""
     try:
@@ -293,6 +296,14 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
     except Exception as exc:
         if is_disk_full(exc):
             return EXIT_ENVIRONMENT, f"error: no space left on device ({one_line(exc)})"
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        if words[:1] and words[0] in BUNDLE_READERS:
+            from edgecompile.serve.runtime import onnxruntime_refused
+
+            if onnxruntime_refused(exc):  # our graphs take what the manifest says they take: this bundle's disagree
+                bundle = next((w for w in words[1:] if Path(w).is_dir()), "bundle")
+                return BundleError.exit_code, (f"error: {bundle}: the bundle's graphs do not take the inputs "
+                                               f"its manifest describes (onnxruntime: {one_line(exc)}); run `edgecompile verify`")
         raise
 
 

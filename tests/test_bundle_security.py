@@ -269,3 +269,19 @@ def test_manifest_values_of_the_wrong_form_are_one_line(bundle, cli, change, nee
     for command in commands:
         args = next((c[1:] for c in READING_COMMANDS if c[0] == command), ())
         assert_one_line_error(cli(command, bundle, *args), *needles, code=5)
+
+
+def test_graphs_that_do_not_take_what_the_manifest_describes_are_one_line(bundle, tmp_path, cli):
+    """onnxruntime refusing a bundle's inputs while reading it is the bundle's inconsistency (exit 5), not a crash."""
+    decoder = copy_bundle(bundle, tmp_path / "called_a_decoder")
+    edit_manifest(decoder, lambda m: m["student"].update(task="causal-lm"))  # an encoder's graphs, read as a decoder's
+    for command in (("run", "--prompt", "hello"), ("bench", "--runs", "3", "--warmup", "0", "--prompt-tokens", "4", "--new-tokens", "4")):
+        assert_one_line_error(cli(command[0], decoder, *command[1:]), str(decoder), "do not take the inputs", code=5)
+
+    def swap(manifest):  # every cluster's file is the router's graph, whose inputs are fewer
+        for graph in ("cluster_0", "cluster_1"):  # fed what the dense graph takes, in the routed timing
+            manifest["targets"]["cpu"]["graphs"][graph]["file"] = "cpu/router.onnx"
+
+    edit_manifest(bundle, swap)
+    assert_one_line_error(cli("bench", bundle, "--runs", "3", "--warmup", "0", "--sequence", "8"), str(bundle),
+                          "do not take the inputs", "token_type_ids", code=5)

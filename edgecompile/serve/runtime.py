@@ -106,6 +106,18 @@ def open_session(path: Path, target: Target, options: ort.SessionOptions, provid
         raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
 
 
+def onnxruntime_refused(exc: BaseException) -> bool:
+    """True for an error onnxruntime raised running a graph: its own exception types, or the ValueError its Python
+    layer raises for inputs a graph does not declare (a bundle whose graphs and manifest disagree)."""
+    import os
+    import traceback
+
+    if type(exc).__module__ == "onnxruntime.capi.onnxruntime_pybind11_state":
+        return True
+    frames = traceback.extract_tb(exc.__traceback__) if isinstance(exc, ValueError) else []
+    return bool(frames) and f"{os.sep}onnxruntime{os.sep}" in frames[-1].filename
+
+
 def create_session(path: Path, target: Target, threads: int = 0, strict: bool | None = None) -> ort.InferenceSession:
     """A session on the target's parity EP; strict (default: the target's strict_placement) disables fallback."""
     options = session_options(threads)
