@@ -202,3 +202,43 @@ def test_compare_routers_reports_cost_and_agreement(cli, tmp_path, st_student, r
     assert "same cluster for" in out and "| bundle | router encoder |" in out
     code, _, err = cli("compare-routers", full, static, "--target", "xnnpack")
     assert code == 2 and "target 'xnnpack' not in this bundle" in err
+
+
+def test_l2_distances_stay_exact_for_embeddings_that_sit_close_together():
+    """A small router's embeddings can all lie within a few hundredths of each other (a model2vec model
+    distilled from a tiny encoder did): the distances must keep float32 precision relative to their own
+    size, in PyTorch and in the exported graph, against float64."""
+    import torch
+    from torch import nn
+
+    from edgecompile.reference.router import RouterModule
+
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=32)
+    direction /= np.linalg.norm(direction)
+    near = lambda n: (direction + 0.02 / np.sqrt(32) * rng.normal(size=(n, 32))).astype(np.float32)  # noqa: E731
+    points, embeddings = near(3), near(8)
+
+    class Fixed(nn.Module):  # a stand-in encoder: the embedding is a row of a constant table
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.from_numpy(embeddings))
+
+        def forward(self, input_ids, attention_mask):
+            return self.table[input_ids[:, 0]] * attention_mask[:, :1].to(torch.float32)
+
+    router = RouterModule(Fixed(), points, "l2").eval()
+    truth = np.sqrt(((embeddings.astype(np.float64)[:, None] - points.astype(np.float64)[None]) ** 2).sum(-1))
+    ids = torch.arange(8).reshape(8, 1)
+    with torch.no_grad():
+        torch_distances = router.distances(router.embed(ids, torch.ones_like(ids))).numpy()
+    assert np.abs(torch_distances - truth).max() / truth.max() < 1e-5
+    import onnx_ir as ir
+
+    from edgecompile.families.bert import export_module
+    from edgecompile.reference.router import ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES
+
+    model = export_module(router, (ids, torch.ones_like(ids)), ROUTER_INPUT_NAMES, ROUTER_OUTPUT_NAMES, {})
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    _, graph_distances = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((8, 1), np.int64)})
+    assert np.abs(graph_distances - truth).max() / truth.max() < 1e-5

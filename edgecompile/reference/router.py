@@ -137,6 +137,14 @@ class RouterModule(nn.Module):
         self.encoder = encoder  # (input_ids, attention_mask) -> sentence embedding [batch, D]
         self.metric = metric
         self.register_buffer("centroids", torch.from_numpy(np.ascontiguousarray(centroids)))
+        # l2 distances are taken around the centroids' mean: embeddings of one router sit close together
+        # (a small static model's are within a few hundredths), and |e|^2 - 2 e.c + |c|^2 about the
+        # origin cancels ~1 against ~1, a float32 rounding that sqrt then magnifies near 0
+        center = np.asarray(centroids, np.float64).mean(axis=0)
+        centered = np.asarray(centroids, np.float64) - center
+        self.register_buffer("center", torch.from_numpy(center.astype(np.float32)))
+        self.register_buffer("centered_centroids", torch.from_numpy(np.ascontiguousarray(centered, np.float32)))
+        self.register_buffer("centered_norms", torch.from_numpy((centered * centered).sum(axis=1).astype(np.float32)))
         self.projection: nn.Linear | None = None
         if projection_weight is not None:
             out_dim, in_dim = projection_weight.shape
@@ -158,11 +166,11 @@ class RouterModule(nn.Module):
             e = nn.functional.normalize(embedding, p=2.0, dim=1)
             c = nn.functional.normalize(self.centroids, p=2.0, dim=1)
             return 1.0 - e @ c.T
-        # |e - c|^2 = |e|^2 - 2 e.c + |c|^2: the cross term is one MatMul against a constant, which
-        # NPUs quantize per channel and compute precisely (the broadcast Sub/Pow form lost ~0.3 of a
-        # distance of ~1.5 on QNN HTP in 16-bit arithmetic; this form, see tests/test_qnn.py).
-        squared = (embedding * embedding).sum(dim=1, keepdim=True) - 2.0 * embedding @ self.centroids.T
-        squared = squared + (self.centroids * self.centroids).sum(dim=1)
+        # |e - c|^2 = |e|^2 - 2 e.c + |c|^2 (e, c relative to the centroids' mean): the cross term is one
+        # MatMul against a constant, which NPUs quantize per channel and compute precisely (the broadcast
+        # Sub/Pow form lost ~0.3 of a distance of ~1.5 on QNN HTP in 16-bit arithmetic; see tests/test_qnn.py).
+        e = embedding - self.center
+        squared = (e * e).sum(dim=1, keepdim=True) - 2.0 * e @ self.centered_centroids.T + self.centered_norms
         return squared.clamp(min=0.0).sqrt()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
