@@ -141,11 +141,12 @@ def edgecompile(*args: object, quiet: bool = False) -> str:
     return captured.getvalue()
 
 
-def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: list[str]) -> Path:
+def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: list[str], router_layers: int | None = None) -> Path:
     """`edgecompile build` (parity gate included); the samples go in a file beside the masks."""
     samples_file = masks.parent / "samples.txt"
     samples_file.write_text("\n".join(s.replace("\n", " ") for s in samples) + "\n", encoding="utf-8")
-    edgecompile("build", student, "--masks", masks, "--router-encoder", router, "--samples", samples_file,
+    layers = () if router_layers is None else ("--router-layers", router_layers)
+    edgecompile("build", student, "--masks", masks, "--router-encoder", router, *layers, "--samples", samples_file,
                 "--out", out, "--force", "--quiet", quiet=True)
     edgecompile("verify", out, quiet=True)
     rows = [row for target in json.loads((out / "parity.json").read_text())["targets"].values() for row in target["rows"]]

