@@ -242,3 +242,15 @@ def test_l2_distances_stay_exact_for_embeddings_that_sit_close_together():
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     _, graph_distances = session.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones((8, 1), np.int64)})
     assert np.abs(graph_distances - truth).max() / truth.max() < 1e-5
+
+
+def test_bench_table_gives_no_latency_per_mac_for_a_router_doing_almost_no_macs():
+    from edgecompile.serve.bench import BenchReport, BenchRow, bench_table
+
+    metadata = {"target": "cpu", "executed_on": "CPUExecutionProvider", "target_provider": "CPUExecutionProvider",
+                "onnxruntime": "1", "threads": 1, "runs": 3, "processor": "x", "graphs_shape": {"batch": 1, "sequence": 128}}
+    report = BenchReport(metadata, [BenchRow("router", 0.5, 0.6, 0.007, 7e-7, 8),
+                                    BenchRow("dense", 70.0, 80.0, 1.0, 1.0, 11_000_000),
+                                    BenchRow("cluster_0", 38.0, 47.0, 0.546, 0.588, 6_500_000)])
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in bench_table(report).splitlines() if line.startswith("| ")}
+    assert rows["router"] == "—" and rows["dense"] == "1.000" and rows["cluster_0"] == "0.929"
