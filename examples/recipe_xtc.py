@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--batch-size", type=int, default=16, help="[default: %(default)s]")
     parser.add_argument("--max-length", type=int, default=64, help="[default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="clip the student's gradient norm (transformers' Trainer default; 0 = no clipping) [default: %(default)s]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=50, help="round-robin latency runs [default: %(default)s]")
@@ -78,6 +80,7 @@ def parse_args(argv: list[str] | None):
     for name in ("steps", "head_epochs", "batch_size", "max_length", "threads", "bench_runs"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.lr > 0, "--lr", "a positive number", args.lr)
+    require(args.max_grad_norm >= 0, "--max-grad-norm", "a number >= 0", args.max_grad_norm)
     require_file(args.corpus, "the corpus JSONL")
     return args
 
@@ -194,6 +197,8 @@ def train_student(student, teacher, batches: list, layers: list[int], args) -> N
             loss = sum(parts[name] for name in losses)
             optimizer.zero_grad()
             loss.backward()
+            if args.max_grad_norm > 0:  # binarized students' logits swing by tens between steps without it
+                torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)
             optimizer.step()
             schedule.step()
             step += 1

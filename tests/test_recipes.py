@@ -193,6 +193,7 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
     ("recipe_ig_pruning", ["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     ("recipe_xtc", ["--teacher-layers", "1,7"], "--teacher-layers: expected increasing layer indices in 0..1"),
     ("recipe_xtc", ["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ("recipe_xtc", ["--max-grad-norm", "-1"], "--max-grad-norm: expected a number >= 0, found -1.0"),
     ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
     ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
     ("recipe_ig_pruning_lm", ["--student", "/nonexistent/llama"], "/nonexistent/llama: expected a LlamaForCausalLM folder"),
