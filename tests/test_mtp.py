@@ -151,3 +151,13 @@ def test_missing_or_extra_head_tensors_fail_in_one_line(tmp_path, cli, edit, nee
     masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
     assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", router, "--out", tmp_path / "o", "-q"),
                           "model.safetensors", *needles)
+
+
+def test_decoder_bench_table_says_its_acceptance_comes_from_a_random_prompt():
+    from edgecompile.serve.bench_decoder import DecoderBenchRow, decoder_bench_table
+
+    plain = DecoderBenchRow("dense", 5.0, 1.0, 1.0, 1.0)
+    heads = DecoderBenchRow("dense", 5.0, 1.0, 1.0, 1.0, 1.4, 0.7, 0.4, 1.4)
+    assert "random token ids" not in decoder_bench_table([plain], 64, 64, 1, "cpu")
+    table = decoder_bench_table([heads], 64, 64, 1, "cpu").splitlines()
+    assert "64 random token ids" in table[1] and "--speculative" in table[1] and table[-1].endswith("| 0.40 | 1.40 |")

@@ -85,6 +85,9 @@ def decoder_bench_table(rows: list[DecoderBenchRow], prompt_tokens: int, new_tok
         "speculative speed-up | acceptance | tokens/pass |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if any(r.acceptance_rate is not None for r in rows):  # speed does not depend on the tokens; acceptance does
+        lines.insert(1, f"the prompt is {prompt_tokens} random token ids: speed is what it is on real text, acceptance is not "
+                        "(measure it on your prompts: edgecompile run BUNDLE --prompt ... --speculative)")
 
     def fmt(value: float | None, spec: str) -> str:
         return "—" if value is None else format(value, spec)
