@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from edgecompile.errors import input_error
-from edgecompile.families.llama import HEAD_IDS_KEY
 from edgecompile.inputs.compat import transformers_major
 from edgecompile.passes.sites import (
-    BranchSites, LayerSites, LinearSite, StructureError, linear_site, nodes_by_module, residual_add,
+    HEAD_IDS_KEY, BranchSites, LayerSites, LinearSite, StructureError, linear_site, nodes_by_module, residual_add,
 )
 
 OPSET = 17

@@ -32,12 +32,11 @@ import onnx_ir as ir
 from edgecompile.errors import InputError, input_error
 from edgecompile.families.graph_writer import GraphWriter, tensor_value
 from edgecompile.inputs.compat import transformers_major
-from edgecompile.passes.sites import BranchSites, LayerSites, linear_site, nodes_by_module, residual_add
+from edgecompile.passes.sites import HEAD_IDS_KEY, BranchSites, LayerSites, linear_site, nodes_by_module, residual_add
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-HEAD_IDS_KEY = "edgecompile.head_ids"  # original query-head ids an attention node computes
 ROPE_TYPES = ("default", "linear", "llama3")
 
 # config.json fields this module implements (their values are checked below) ...

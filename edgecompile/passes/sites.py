@@ -23,6 +23,11 @@ import onnx_ir as ir
 from edgecompile.passes.provenance import module_of
 
 
+# node metadata: the ORIGINAL query-head ids a node computes, kept up to date as heads are sliced away,
+# so every family's passes and the manifest name heads as the masks do
+HEAD_IDS_KEY = "edgecompile.head_ids"
+
+
 class StructureError(RuntimeError):
     """The export does not look like the family says: a bug in edgecompile, not user input."""
 
