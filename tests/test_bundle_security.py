@@ -285,3 +285,15 @@ def test_graphs_that_do_not_take_what_the_manifest_describes_are_one_line(bundle
     edit_manifest(bundle, swap)
     assert_one_line_error(cli("bench", bundle, "--runs", "3", "--warmup", "0", "--sequence", "8"), str(bundle),
                           "do not take the inputs", "token_type_ids", code=5)
+
+
+@pytest.mark.parametrize(("change", "needles"), [
+    (lambda m: (m["router"].pop("encoder"), m["router"].pop("name")), ("router.name", "None")),
+    (lambda m: m["router"].update(clusters="x"), ("router.clusters", "a positive integer", "'x'")),
+    (lambda m: m["router"].update(clusters=1), ("router.clusters", "cluster ids its router graph picks", "found 1")),
+    (lambda m: m["router"].update(macs_per_token="x"), ("router.macs_per_token, bytes", "'x'")),
+    (lambda m: m["router"]["macs_per_token"].update(total="x"), ("router.macs_per_token.total", "'x'")),
+], ids=["no name", "clusters a string", "fewer clusters than picked", "MACs a string", "total a string"])
+def test_compare_routers_with_a_damaged_router_description_is_one_line(bundle, cli, change, needles):
+    edit_manifest(bundle, change)
+    assert_one_line_error(cli("compare-routers", bundle, "--runs", "3"), "manifest.json", *needles, code=5)

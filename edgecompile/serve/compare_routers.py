@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.bundle.store import Bundle
+from edgecompile.bundle.store import MANIFEST, Bundle
+from edgecompile.errors import BundleError
 from edgecompile.lowering.targets import target_from_dict
 from edgecompile.serve.runtime import create_session
 
@@ -63,6 +64,25 @@ def _texts(bundle: Bundle, samples: Path | None) -> tuple[list[str], str]:
 
     texts = read_samples(bundle)
     return texts, f"{bundle.root.name}'s {len(texts)} build samples"
+
+
+def _router_description(bundle: Bundle, target: str, file_bytes: int) -> tuple[str, int, int | None, int]:
+    """Encoder name, cluster count, MACs per token and bytes of a bundle's router, as its manifest describes it."""
+    router, where = bundle.manifest["router"], f"{bundle.root / MANIFEST}: router"
+    name, clusters = router.get("encoder", router.get("name")), router.get("clusters")
+    macs, sizes = router.get("macs_per_token", {}), router.get("bytes", {})
+    if not isinstance(name, str):
+        raise BundleError(f"{where}.name: expected a string, found {name!r}"[:300])
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
+        raise BundleError(f"{where}.clusters: expected a positive integer, found {clusters!r}"[:300])
+    if not isinstance(macs, dict) or not isinstance(sizes, dict):
+        raise BundleError(f"{where}.macs_per_token, bytes: expected tables, found {macs!r}, {sizes!r}"[:300])
+    size, total = sizes.get(target, file_bytes), macs.get("total")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise BundleError(f"{where}.bytes.{target}: expected a number of bytes, found {size!r}"[:300])
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int)):
+        raise BundleError(f"{where}.macs_per_token.total: expected a number of MACs, found {total!r}"[:300])
+    return name, clusters, total, size
 
 
 def compare_routers(bundles: list[Bundle], samples: Path | None = None, target_name: str | None = None,
@@ -113,11 +133,13 @@ def compare_routers(bundles: list[Bundle], samples: Path | None = None, target_n
     routers = []
     for b, bundle in enumerate(bundles):
         per_input = np.array([np.median(t) for t in times[b]]) * 1e3
-        router = bundle.manifest["router"]
         file_bytes = bundle.manifest["files"][entries[b]["graphs"]["router"]["file"]].get("bytes", 0)  # older bundles
+        name, clusters, macs, size = _router_description(bundle, entries[b]["target"]["name"], file_bytes)
+        if max(picked[b]) >= clusters:
+            raise BundleError(f"{bundle.root / MANIFEST}: router.clusters: expected more than the cluster ids its router "
+                              f"graph picks ({max(picked[b])}), found {clusters}")
         routers.append(RouterCost(
-            str(bundle.root), router.get("encoder", router["name"]), int(router["clusters"]),
-            router.get("macs_per_token", {}).get("total"), int(router.get("bytes", {}).get(entries[b]["target"]["name"], file_bytes)),
+            str(bundle.root), name, clusters, macs, size,
             float(np.percentile(per_input, 50)), float(np.percentile(per_input, 90)),
             float(np.percentile(per_input, 50)) / dense_p50 if dense_p50 else None,
         ))
