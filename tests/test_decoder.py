@@ -229,6 +229,30 @@ def test_run_routes_the_prompt_and_generates_greedily(decoder_bundle, cli):
     assert result["prefill_ms"] > 0 and set(result) >= {"text", "decode_ms_per_token", "distances"}
 
 
+def test_run_decodes_up_to_the_position_limit_and_refuses_prompts_it_cannot_decode(decoder_bundle, cli, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out, _ = decoder_bundle
+    manifest = json.loads((out / "manifest.json").read_text())
+    positions = manifest["student"]["max_seq_length"]
+    prompt = "word " * 60
+    length = len(AutoTokenizer.from_pretrained(str(out / manifest["student"]["tokenizer"]))(prompt)["input_ids"])
+    code, stdout, stderr = cli("run", out, "--prompt", prompt, "--max-new-tokens", positions - length)
+    assert code == 0, stderr
+    assert 0 < len(json.loads(stdout)["token_ids"]) <= positions - length
+    line = assert_one_line_error(cli("run", out, "--prompt", prompt, "--max-new-tokens", positions - length + 1),
+                                 "--prompt", f"{positions} positions")
+    assert line.rstrip().endswith(f"found {length} + {positions - length + 1}")
+    # a tokenizer that adds no BOS token (as many do) turns an empty prompt into no tokens at all
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    tokenizer_json = copy / manifest["student"]["tokenizer"] / "tokenizer.json"
+    tokenizer_json.write_text(json.dumps(dict(json.loads(tokenizer_json.read_text()), post_processor=None)))
+    assert_one_line_error(cli("run", copy, "--prompt", ""), "--prompt", "prompt tokens", "at least 1", "found 0")
+
+
 def test_parity_gate_fails_a_decoder_whose_rope_is_wrong(llama, llama_router, prompts_file, tmp_path, cli, monkeypatch):
     import edgecompile.families.llama as family
 

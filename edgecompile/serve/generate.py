@@ -78,16 +78,18 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     entry = bundle.target(target_name)
     target = target_from_dict(entry["target"])
     router_info, student = bundle.manifest["router"], bundle.manifest["student"]
+    tokenizer = load_tokenizer(bundle.root / student["tokenizer"])
+    ids = list(tokenizer(prompt)["input_ids"])
+    if not ids:  # a tokenizer that adds no BOS token gives an empty prompt nothing to attend to
+        raise input_error("--prompt", "prompt tokens", "at least 1 (this model's tokenizer adds no BOS token)", 0)
+    if len(ids) + max_new_tokens > student["max_seq_length"]:
+        raise input_error("--prompt", "prompt tokens + --max-new-tokens",
+                          f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
     routed = encode(load_tokenizer(bundle.root / router_info["tokenizer"]), [prompt], router_info["max_seq_length"])
     router = create_session(bundle.graph_file(entry, "router"), target, threads)
     feed = pad_batch(routed)
     cluster_id, distances = router.run(["cluster_id", "distances"], {i.name: feed[i.name] for i in router.get_inputs()})
     k = int(cluster_id.reshape(-1)[0])
-    tokenizer = load_tokenizer(bundle.root / student["tokenizer"])
-    ids = list(tokenizer(prompt)["input_ids"])
-    if len(ids) + max_new_tokens > student["max_seq_length"]:
-        raise input_error("--prompt", "prompt tokens + --max-new-tokens",
-                          f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
     session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
     eos = frozenset(student.get("eos_token_ids", []))
     result = greedy(session, ids, max_new_tokens, eos)
