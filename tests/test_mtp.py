@@ -97,6 +97,25 @@ def test_speculative_decoding_respects_the_token_budget_and_end_of_sequence(mtp_
     assert speculative_greedy(session, prompt, 10, EOS).tokens == greedy(session, prompt, 10, EOS).tokens == [1]
 
 
+def test_speculative_speedup_is_not_decided_by_one_slow_pass(mtp_models, monkeypatch):
+    """`run --speculative` times one run of each loop; a scheduling spike in one pass must not make the figure."""
+    import edgecompile.serve.generate as generate
+
+    def stalled_once(*args, **kwargs):
+        run = greedy(*args, **kwargs)
+        run.decode_ms[3] += 500.0  # the machine stalled once during plain greedy decoding
+        return run
+
+    _, _, _, session = session_for(mtp_models["random_n2"])
+    prompt = prompts(1, seed=5)[0]
+    plain = greedy(session, prompt, 32)
+    monkeypatch.setattr(generate, "greedy", stalled_once)
+    summary = generate.speculative_summary(session, prompt, 32, frozenset(), plain, "dense")["speculative"]
+    assert summary["tokens_per_forward_pass"] < 1.5  # random heads: speculation cannot be much faster
+    assert summary["speedup_vs_greedy"] < 2.0, summary
+    assert summary["greedy_decode_passes"] == 31 and summary["decode_passes"] >= 31 / 2
+
+
 @pytest.fixture(scope="module")
 def mtp_bundle(tmp_path_factory, mtp_models):
     from edgecompile.build import BuildRequest, build
