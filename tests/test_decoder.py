@@ -85,6 +85,23 @@ def test_dense_graph_matches_transformers_prefill_and_greedy(models_dir, variant
     assert greedy(session, ids, 16).tokens == expected.tolist()
 
 
+def test_reference_greedy_loop_is_transformers_generate_without_deprecated_arguments(llama):
+    """The parity oracle's own loop: the tokens of transformers' generate, through the installed release's
+    cache argument (transformers 5.24 deprecates `past_key_values`, to be removed in 5.40)."""
+    import warnings
+
+    from edgecompile.check.generation import reference_greedy
+
+    _, _, model = loaded(llama)
+    ids = [0, 17, 45, 99, 120, 7, 3, 50]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, tokens, _, _ = reference_greedy(model, ids, 16, frozenset())
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, len(ids):]
+    assert tokens == expected.tolist()
+
+
 CASES = {
     "blocks": cluster(blocks=[[1, 0], [0, 1], [0, 0], [1, 1]]),
     "soft_blocks": cluster(blocks=[[0.5, 1], [1, 0.3], [1, 1], [0.7, 0.9]]),

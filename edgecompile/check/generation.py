@@ -8,6 +8,7 @@ A build passes only when every sample's tokens are identical.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,12 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int,
 
     tokens: list[int] = []
     top_values, top_ids = [], []
+    # later transformers 5 releases (5.24 here) renamed `past_key_values` to `cache`; the old name goes in 5.40
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad(), single_thread():
         out = model(torch.tensor([prompt]), use_cache=True)
         prefill = out.logits[0].numpy().copy()
-        logits, cache = out.logits, out.past_key_values
+        logits, cache = out.logits, out[cache_argument]
         while len(tokens) < max_new_tokens:
             last = logits[0, -1]
             top = torch.topk(last, min(TOP_K, last.shape[-1]))
@@ -42,8 +45,8 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int,
             tokens.append(token)
             if token in eos_token_ids:
                 break
-            out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            logits, cache = out.logits, out.past_key_values
+            out = model(torch.tensor([[token]]), **{cache_argument: cache}, use_cache=True)
+            logits, cache = out.logits, out[cache_argument]
     return prefill, tokens, np.stack(top_values), np.stack(top_ids)
 
 
