@@ -282,6 +282,39 @@ def test_parity_gate_fails_a_decoder_whose_rope_is_wrong(llama, llama_router, pr
     assert code == 3 and "prefill_logits" in stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("runner", ["onnxruntime", "onnxruntime-genai"])
+def test_parity_gate_fails_when_one_runtimes_greedy_tokens_differ(llama, llama_router, prompts_file, tmp_path, cli, monkeypatch,
+                                                                  runner):
+    """Prefill logits alone do not pass a build: the 32nd greedy token of one prompt differing in either runtime is exit 3."""
+    from transformers import AutoTokenizer
+
+    import edgecompile.check.decoder_parity as decoder_parity
+
+    prompts = [AutoTokenizer.from_pretrained(str(llama))(text)["input_ids"] for text in PROMPTS]
+
+    def last_token_changed(tokens: list[int]) -> list[int]:
+        return tokens[:-1] + [(tokens[-1] + 1) % 256]
+
+    if runner == "onnxruntime":
+        original = decoder_parity.greedy
+
+        def patched(session, prompt, *args, **kwargs):
+            run = original(session, prompt, *args, **kwargs)
+            run.tokens = last_token_changed(run.tokens) if prompt == prompts[-1] else run.tokens
+            return run
+        monkeypatch.setattr(decoder_parity, "greedy", patched)
+    else:
+        original = decoder_parity.genai_greedy
+        monkeypatch.setattr(decoder_parity, "genai_greedy", lambda model, prompt, new: (
+            last_token_changed(original(model, prompt, new)) if prompt == prompts[-1] else original(model, prompt, new)))
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}},
+                        np.random.default_rng(0).standard_normal((1, 24)).astype(np.float32))
+    code, _, stderr = cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--samples", prompts_file,
+                          "--out", tmp_path / "out", "-q")
+    assert code == 3 and f"greedy tokens ({runner})" in stderr and "sample 2 first at new token 31" in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="configs with rope_parameters are written by transformers 5")
 def test_llama3_rope_saved_by_transformers_5_matches_transformers(models_dir):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
