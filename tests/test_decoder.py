@@ -414,6 +414,23 @@ def test_bad_decoder_checkpoints_fail_in_one_line(models_dir, llama_router, tmp_
     assert not (tmp_path / "o").exists()
 
 
+def test_sharded_checkpoint_is_refused_saying_how_to_save_it_whole(llama, llama_router, tmp_path, cli):
+    """transformers shards checkpoints above max_shard_size (5 GB on 4.57: a 1.3 B-parameter fp32 Llama)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(str(llama)).save_pretrained(str(sharded), max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(llama / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    assert_one_line_error(cli("build", sharded, "--masks", masks, "--router-encoder", llama_router, "--out", tmp_path / "o", "-q"),
+                          "model.safetensors", "sharded checkpoint", "max_shard_size")
+    assert not (tmp_path / "o").exists()
+
+
 BAD_MASKS = {
     "layers": ({"blocks": np.ones((LAYERS - 1, 2))}, ("cluster.0.blocks", f"[{LAYERS}, 2]", f"[{LAYERS - 1}, 2]")),
     "heads": ({"heads": np.ones((LAYERS, KV_HEADS))}, ("cluster.0.heads", f"[{LAYERS}, {HEADS}]", f"[{LAYERS}, {KV_HEADS}]")),

@@ -95,8 +95,11 @@ def _check_weights(transformer_dir: Path) -> set[str]:
     """Open model.safetensors' header so a corrupt file fails here with its name; return tensor names."""
     weights = transformer_dir / WEIGHTS_FILE
     if not weights.is_file():
-        other = [n for n in ("pytorch_model.bin", "model.safetensors.index.json") if (transformer_dir / n).exists()]
-        hint = f" (found {other[0]}; save the checkpoint with safe_serialization=True)" if other else ""
+        if (transformer_dir / "model.safetensors.index.json").exists():  # transformers shards above max_shard_size
+            raise InputError(f"{weights}: file not found (found model.safetensors.index.json, a sharded checkpoint; edgecompile "
+                             "reads one file: save it with save_pretrained(..., max_shard_size=\"50GB\"))")
+        hint = " (found pytorch_model.bin; save the checkpoint with safe_serialization=True)" if (
+            transformer_dir / "pytorch_model.bin").exists() else ""
         raise InputError(f"{weights}: file not found{hint}")
     from safetensors import safe_open
 
