@@ -356,6 +356,24 @@ def test_llama3_config_saved_by_transformers_5_builds_to_transformers_own_greedy
         assert json.loads(stdout)["token_ids"] == expected and len(expected) >= 8, (prompt, expected)
 
 
+def test_llama3_rope_scaling_as_hub_configs_store_it_matches_transformers(models_dir):
+    """Llama 3.x configs on the Hub were written by transformers 4: `rope_theta` plus `rope_scaling` (llama3);
+    both lanes must read them as the model they are (transformers 5 converts them on load)."""
+    path = make_llama(models_dir / "llama3_hub_rope", seed=13, max_positions=256)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=500000.0, rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                     "original_max_position_embeddings": 64, "rope_type": "llama3"})
+    (path / "config.json").write_text(json.dumps(config))
+    dims, weights, model = loaded(path)
+    assert dims.rope["rope_type"] == "llama3" and dims.rope["rope_theta"] == 500000.0
+    session = session_of(export_decoder(weights, dims))
+    ids = list(range(3, 203))  # positions past original_max_position_embeddings, where llama3 scaling differs
+    assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
+    plain = LlamaDims(**{**dims.__dict__, "rope": {"rope_type": "default", "rope_theta": 500000.0}})
+    assert relative_error(prefill(session_of(export_decoder(weights, plain)), ids), reference_logits(model, ids)) > 1e-3
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 reads rope_parameters")
 def test_rope_parameters_under_transformers_4_are_refused(models_dir, llama_router, prompts_file, tmp_path, cli):
     path = make_llama(models_dir / "llama_rope4", seed=9)
