@@ -31,6 +31,8 @@ def mtp_models(tmp_path_factory):
         "random_n2": add_mtp_heads(make_llama(root / "random_n2", seed=21), 2, seed=1),
         "random_n4": add_mtp_heads(make_llama(root / "random_n4", seed=22), 4, seed=2),
         "predict_well_n4": add_mtp_heads(make_llama(root / "well_n4", seed=23), 4, copies=True, predict_well=True),
+        # one layer: head 0 is layer 0 and the trunk is empty, every head reads the embeddings
+        "one_layer_n3": add_mtp_heads(make_llama(root / "one_layer_n3", seed=25, layers=1), 3, seed=3),
     }
 
 
@@ -53,8 +55,8 @@ HALF = ClusterMasks(0, np.array([[1, 0], [0, 1], [1, 1], [1, 0]], np.float32), n
                     np.ones((LAYERS, 128), np.float32))
 
 
-@pytest.mark.parametrize("model", ["random_n2", "random_n4"])
-@pytest.mark.parametrize("masks", [None, HALF], ids=["dense", "cluster"])
+@pytest.mark.parametrize("model, masks", [("random_n2", None), ("random_n2", HALF), ("random_n4", None), ("random_n4", HALF),
+                                          ("one_layer_n3", None)], ids=["n2-dense", "n2-cluster", "n4-dense", "n4-cluster", "one_layer"])
 def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, masks):
     dims, weights, graph, session = session_for(mtp_models[model], masks)
     reference = load_reference(mtp_models[model])
@@ -68,7 +70,7 @@ def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, 
         assert np.abs(value[0] - ref).max() / np.abs(ref).max() < 1e-5, name
     # every extra head has its own KV cache at index L + j, beside the trunk's and head 0's
     assert {v.name for v in graph.graph.inputs if v.name.endswith(".key")} >= {
-        f"past_key_values.{LAYERS + j}.key" for j in range(dims.extra_heads)} | {f"past_key_values.{LAYERS - 1}.key"}
+        f"past_key_values.{dims.layers + j}.key" for j in range(dims.extra_heads)} | {f"past_key_values.{dims.layers - 1}.key"}
 
 
 @pytest.mark.parametrize("model, acceptance", [("random_n2", (0.0, 0.6)), ("random_n4", (0.0, 0.6)), ("predict_well_n4", (0.99, 1.0))])

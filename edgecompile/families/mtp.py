@@ -8,7 +8,7 @@ after layer L-2) and shares the final norm and the unembedding.
 
 The reference for head 0 is transformers' own LlamaForCausalLM (it ignores `extra_heads.*`); each
 extra head is a transformers LlamaDecoderLayer loaded with its tensors and run on the trunk output,
-captured by a hook on layer L-2, so the cluster's gates on the trunk apply to every head.
+captured as the input of head 0's layer L-1, so the cluster's gates on the trunk apply to every head.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ def head_logits(model: Any, extra_layers: list[Any], prompt: list[int]) -> list[
     """Prefill logits [S, V] of every head (head 0 first) for one prompt, trunk computed once."""
     import torch
 
-    trunk_layer = model.model.layers[model.config.num_hidden_layers - 2]
+    head_0 = model.model.layers[model.config.num_hidden_layers - 1]
     captured: list[torch.Tensor] = []
 
-    def keep(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
+    def keep(_module, args, kwargs):  # head 0's input is the trunk's output (the embeddings when L = 1)
+        captured.append(args[0] if args else kwargs["hidden_states"])
 
-    handle = trunk_layer.register_forward_hook(keep)
+    handle = head_0.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad():
             ids = torch.tensor([prompt])
