@@ -481,9 +481,10 @@ def test_decoders_refuse_targets_other_than_the_cpu_ep(llama, llama_router, tmp_
                               "--out", tmp_path / "o", "-q"), "--target xnnpack", "CPU EP")
 
 
-@pytest.mark.parametrize("activations", ["dynamic", "none"])
-def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(llama, llama_router, prompts_file, tmp_path, activations):
-    """XTC W1A8 (dynamic per-token activations, integer kernels) and W1A32 (float activations) on Llama's Linears."""
+@pytest.mark.parametrize("bits, activations", [(1, "dynamic"), (1, "none"), (2, "dynamic")], ids=["W1A8", "W1A32", "W2A8"])
+def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(llama, llama_router, prompts_file, tmp_path, bits,
+                                                                             activations):
+    """XTC W1A8 (dynamic per-token activations, integer kernels), W1A32 (float activations) and ternary W2A8 on Llama's Linears."""
     import shutil
 
     from edgecompile.build import BuildRequest, build
@@ -491,7 +492,7 @@ def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(lla
     student = tmp_path / "llama_w1"
     shutil.copytree(llama, student)
     (student / "edgecompile.json").write_text(json.dumps({"format": "edgecompile-lowbit/1", "linear": [{
-        "modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"], "bits": 1, "groups": "row",
+        "modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"], "bits": bits, "groups": "row",
         "activations": activations}]}))
     masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}, 1: {"blocks": [[1, 0], [0, 1], [1, 1], [1, 0]],
                         "heads": [[1, 1, 0.5, 0], [1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]]}},
@@ -503,12 +504,14 @@ def test_binary_decoder_linears_compile_to_packed_kernels_with_greedy_parity(lla
     if activations == "dynamic":
         assert target["lowbit_graphs"] == ["cluster_0", "cluster_1", "dense"]
         assert {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"} in [set(g["modules"]) for g in groups]
-        assert all(g["kernel"] == "MatMulIntegerToFloat" and g["packing"] == "bin1" for g in groups), [(g["modules"][0], g["packing"]) for g in groups]
+        packing = {1: "bin1", 2: "tern2"}[bits]
+        assert all(g["kernel"] == "MatMulIntegerToFloat" and g["packing"] == packing for g in groups), [(g["modules"][0], g["packing"]) for g in groups]
     else:
         assert target["lowbit_graphs"] == []
         float_groups = target["lowering"]["dense"]["lowbit"]["float_activation_linears"]
         assert len(float_groups) == 7 * LAYERS and all(g["activation"] == "none" for g in float_groups)
-    assert target["lowering"]["dense"]["lowbit"]["linear_weight_bytes"]["ratio"] > 15  # 1-bit codes + one alpha per row
+    # codes + one fp32 alpha per row of 64 or 128: at most 32x (binary) / 16x (ternary) smaller than fp32
+    assert target["lowering"]["dense"]["lowbit"]["linear_weight_bytes"]["ratio"] > {1: 15, 2: 12}[bits]
 
 
 def test_a_low_bit_divergence_passes_only_at_a_near_tie():
