@@ -233,6 +233,32 @@ def test_clusters_share_one_weights_file(decoder_bundle):
     assert extents("cluster_2") - dense  # sliced heads / neurons are new tensors, stored once
 
 
+def test_verify_reruns_decoder_parity_on_the_shipped_folder(decoder_bundle, cli):
+    out, _ = decoder_bundle
+    code, stdout, stderr = cli("verify", out)
+    assert code == 0 and "all file hashes match and parity passed" in stderr, stderr
+    assert "| cpu | cluster_2 | greedy tokens (onnxruntime-genai) | 3 |" in stdout and "FAIL" not in stdout
+
+
+def test_clusters_without_any_attention_or_any_sub_layer_decode_in_both_runtimes(llama, llama_router, prompts_file, tmp_path):
+    """Odd but real masks: attention removed in every layer (no KV cache at all), and every sub-layer removed
+    (embedding -> final norm -> lm_head), each through onnxruntime-genai too."""
+    from edgecompile.build import BuildRequest, build
+
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.array([[0, 1]] * LAYERS)},
+                                                      1: {"heads": np.zeros((LAYERS, HEADS)), "neurons": np.zeros((LAYERS, INTERMEDIATE))}},
+                        (np.random.default_rng(7).standard_normal((2, 24)) * 0.3).astype(np.float32))
+    result = build(BuildRequest(llama, masks, llama_router, tmp_path / "out", samples=prompts_file))
+    assert "FAIL" not in result.table
+    for graph in ("cluster_0", "cluster_1"):
+        assert f"| cpu | {graph} | greedy tokens (onnxruntime-genai) | {len(PROMPTS)} |" in result.table
+    clusters = {c["id"]: c for c in result.manifest["clusters"]}
+    assert clusters[0]["kv_cache"] == [] and clusters[1]["kv_cache"] == []
+    assert clusters[1]["kept"]["attention_blocks_kept"] == clusters[1]["kept"]["ffn_blocks_kept"] == 0
+    session = ort.InferenceSession(str(tmp_path / "out" / "cpu" / "decoder" / "cluster_1.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+
+
 def test_run_routes_the_prompt_and_generates_greedily(decoder_bundle, cli):
     out, _ = decoder_bundle
     code, stdout, stderr = cli("run", out, "--prompt", PROMPTS[1], "--max-new-tokens", "32")
