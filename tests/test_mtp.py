@@ -68,6 +68,9 @@ def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, 
     got = session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)})
     for name, value, ref in zip(names, got, expected):
         assert np.abs(value[0] - ref).max() / np.abs(ref).max() < 1e-5, name
+    if masks is None:  # the trunk runs once: one attention per trunk layer, head 0 and extra head, one unembedding per head
+        assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph) == dims.layers + dims.extra_heads
+        assert sum(n.op_type == "Gather" and n.inputs[0].name == "model.embed_tokens.weight" for n in graph.graph) == 1
     # every extra head has its own KV cache at index L + j, beside the trunk's and head 0's
     assert {v.name for v in graph.graph.inputs if v.name.endswith(".key")} >= {
         f"past_key_values.{dims.layers + j}.key" for j in range(dims.extra_heads)} | {f"past_key_values.{dims.layers - 1}.key"}
