@@ -296,6 +296,12 @@ def test_run_decodes_up_to_the_position_limit_and_refuses_prompts_it_cannot_deco
     assert_one_line_error(cli("run", copy, "--prompt", ""), "--prompt", "prompt tokens", "at least 1", "found 0")
 
 
+def test_run_speculative_without_extra_heads_fails_in_one_line(decoder_bundle, cli):
+    out, _ = decoder_bundle
+    assert_one_line_error(cli("run", out, "--prompt", PROMPTS[0], "--speculative"), "--speculative", "no multi-token-prediction heads",
+                          "n_future_tokens > 1")
+
+
 def test_parity_gate_fails_a_decoder_whose_rope_is_wrong(llama, llama_router, prompts_file, tmp_path, cli, monkeypatch):
     import edgecompile.families.llama as family
 
