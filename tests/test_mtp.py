@@ -185,3 +185,29 @@ def test_decoder_bench_table_says_its_acceptance_comes_from_a_random_prompt():
     assert "random token ids" not in decoder_bench_table([plain], 64, 64, 1, "cpu")
     table = decoder_bench_table([heads], 64, 64, 1, "cpu").splitlines()
     assert "64 random token ids" in table[1] and "--speculative" in table[1] and table[-1].endswith("| 0.40 | 1.40 |")
+
+
+def test_decoder_kernel_benchmark_times_the_xtc_contract_it_names():
+    """examples/bench_decoder_kernels.py's W1A8 graph computes what the reference's per-token 8-bit
+    activations times ±alpha codes compute, and its 2-bit MatMulNBits packing holds the binary weight
+    exactly (level 0, float activations), so the table compares the kernels it says it compares."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from edgecompile.reference.lowbit import activation_scale, quantize_activation
+
+    path = Path(__file__).parents[1] / "examples" / "bench_decoder_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_decoder_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    weight, sessions = bench.kernels(64, 48, np.random.default_rng(1))
+    x = np.random.default_rng(2).standard_normal((3, 64)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    scale = activation_scale(xt, "dynamic")
+    expected = (quantize_activation(xt, scale) * scale).numpy().astype(np.float64) @ weight.astype(np.float64)
+    w1a8 = sessions["W1A8 MatMulIntegerToFloat, per-token (edgecompile)"].run(None, {"x": x})[0]
+    np.testing.assert_allclose(w1a8, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    exact = sessions["MatMulNBits 2-bit, accuracy level 0 (float activations)"].run(None, {"x": x})[0]
+    np.testing.assert_allclose(exact, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
