@@ -199,7 +199,9 @@ def multi_token_prediction(dims: Any) -> dict[str, Any]:
         "trunk_layers": f"model.layers.0 .. model.layers.{last - 1} (run once per pass; every head reads their output)",
         "heads": heads,
         "kv_layout": "past_key_values.{kv_index}.key|value / present.{kv_index}.key|value, "
-                     f"[batch, kv_heads, sequence, head_dim] like the trunk's; extra heads are never pruned",
+                     f"[batch, kv_heads, sequence, head_dim] like the trunk's; extra heads are never pruned, head 0 "
+                     "(layer L-1) is: a cluster that removes its attention has no KV at kv_index L-1, and every graph's "
+                     "exact KV inputs are its own kv_cache entry",
         "speculative_decoding": "edgecompile run --speculative: feed the pending token and the extra heads' drafts in one "
                                 "pass, keep the prefix head 0 confirms, cut every KV cache back to it",
     }
