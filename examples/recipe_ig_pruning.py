@@ -39,9 +39,8 @@ from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
 from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, length_batches, minilm,  # noqa: E402
                            phase, recall_at_k, require, require_dir, require_file, run_recipe, sentence_embeddings)
-from fit_router_centroids import embed, nearest  # noqa: E402
+from fit_router_centroids import distill_static_router, embed, nearest  # noqa: E402
 
-from edgecompile.errors import EnvironmentProblem  # noqa: E402
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
 from edgecompile.inputs.router import load_router, router_metadata  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
@@ -90,15 +89,8 @@ def model2vec_router(model_dir: Path, width: int, folder: Path) -> Path:
     stamp = folder / "distilled_from.txt"
     if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == str(model_dir.resolve()):
         return folder
-    try:
-        from model2vec.distill import distill
-    except ImportError as exc:
-        raise EnvironmentProblem(f"model2vec.distill: cannot import ({exc}); pip install -e .[examples], "
-                                 "or pass --router-encoder DIR or --full-router") from None
-    t = phase(f"distilling a model2vec static-embedding router from {model_dir.name} (once)")
-    distill(str(model_dir), pca_dims=256 if width > 256 else None).save_pretrained(str(folder))
+    distill_static_router(model_dir, width, folder, "pass --router-encoder DIR or --full-router")
     stamp.write_text(str(model_dir.resolve()))
-    print(f"  ({time.perf_counter() - t:.0f} s)")
     return folder
 
 
