@@ -20,7 +20,6 @@ and each one's error against `x @ W` in float64 (relative to max |x @ W|).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 import numpy as np
@@ -115,12 +114,9 @@ def main() -> None:
             for name, s in sessions.items():
                 error = np.abs(s.run(None, {"x": x})[0] - exact).max() / np.abs(exact).max()
                 print(f"| {name} | {np.median(times[name]) * 1e3:.3f} | {base / np.median(times[name]):.2f}x | {error:.1e} |")
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print("\nlscpu:", next((line for line in flags.splitlines() if line.startswith("Model name")), "?"))
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    present = next((line for line in flags.splitlines() if line.startswith("Flags")), "").split()
-    print("cpu flags:", " ".join(f for f in wanted if f in present))
+    from bench_decoder import cpu_flags  # examples/ is on the path when this runs as a script
 
+    print(f"\ncpu flags: {cpu_flags()}")
 
 if __name__ == "__main__":
     main()
