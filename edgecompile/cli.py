@@ -31,6 +31,32 @@ def _existing():
     return click.Path(path_type=Path, readable=False)
 
 
+CORES = os.cpu_count() or 1
+
+
+def _threads(minimum: int) -> click.IntRange:
+    """onnxruntime intra-op threads: at most this machine's cores (more only thrashes; 100000 took the machine down)."""
+    return click.IntRange(minimum, CORES)
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Text options: bytes that are not UTF-8 reach Python as surrogates, which no tokenizer takes."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"--{param.name.replace('_', '-')}: expected UTF-8 text, found a byte that is not UTF-8 at "
+                             f"character {exc.start}") from None
+    return value
+
+
+def _given(*names: str) -> list[str]:
+    """The options among `names` the user gave on the command line (not defaults)."""
+    ctx = click.get_current_context()
+    return [f"--{n.replace('_', '-')}" for n in names if ctx.get_parameter_source(n) not in (
+        click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="edgecompile")
 def cli() -> None:
@@ -53,7 +79,7 @@ def cli() -> None:
 @click.option("--target", "targets", multiple=True, default=("cpu",), show_default=True, help="Target name or path to a target .toml; repeat for several targets.")
 @click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="onnxruntime intra-op threads for parity (0 = all cores).")
+@click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"onnxruntime intra-op threads for parity (0 = all cores; at most {CORES}).")
 @click.option("--keep-failed", is_flag=True, help="On a parity or placement failure, keep the graphs in <out>.failed/ to inspect.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
 def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: int | None, out: Path, targets: tuple[str, ...], samples: Path | None,
@@ -93,13 +119,13 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("bundle_dir", type=_existing())
-@click.option("--text", default=None, help="Encoder bundles: the input to route and run.")
-@click.option("--prompt", default=None, help="Decoder bundles: the prompt to route and continue.")
+@click.option("--text", default=None, callback=_utf8, help="Encoder bundles: the input to route and run.")
+@click.option("--prompt", default=None, callback=_utf8, help="Decoder bundles: the prompt to route and continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Decoder bundles: tokens to generate.")
 @click.option("--speculative", is_flag=True, help="Decoder bundles with multi-token-prediction heads: draft with the extra heads, "
               "verify with the next-token head (tokens identical to greedy); prints acceptance and speed-up.")
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"0 = all cores; at most {CORES}.")
 def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: int, speculative: bool, target: str | None,
         threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON.
@@ -117,8 +143,8 @@ def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: 
     given, needed = ("--prompt", "--text") if decoder else ("--text", "--prompt")
     if (prompt if decoder else text) is None or (text if decoder else prompt) is not None:
         raise click.UsageError(f"this is {'a decoder' if decoder else 'an encoder'} bundle: give {given} (not {needed})")
-    if speculative and not decoder:
-        raise click.UsageError("--speculative: this is an encoder bundle; speculative decoding is for decoder bundles")
+    if not decoder and (decoder_only := _given("max_new_tokens", "speculative")):
+        raise click.UsageError(f"{decoder_only[0]}: this is an encoder bundle; {decoder_only[0]} is for decoder bundles")
     if decoder:
         from edgecompile.serve.generate import route_and_generate
 
@@ -133,7 +159,7 @@ def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: 
 @cli.command()
 @click.argument("bundle_dir", type=_existing())
 @click.option("--target", "targets", multiple=True, help="Only these targets [default: all in the bundle].")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"0 = all cores; at most {CORES}.")
 def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
     """Re-check every file's sha256 and re-run parity against the stored PyTorch reference outputs."""
     from edgecompile.bundle.store import load_bundle
@@ -154,7 +180,7 @@ def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
 @click.option("--target", default=None, help="Target folder of the bundle [default: the first].")
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Batch of the per-graph timing [default: 1; fixed-shape targets: theirs, no other].")
 @click.option("--sequence", type=click.IntRange(min=1), default=None, help="Sequence of the per-graph timing [default: 128; fixed-shape targets: theirs, no other].")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=_threads(1), default=1, show_default=True, help=f"At most {CORES}.")
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per graph and per routed input (round-robin).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
 @click.option("--samples", type=_existing(), default=None, help="Texts for the routed timing, one per line [default: the build's samples].")
@@ -183,7 +209,13 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
         if path is not None and (bundle := _enclosing_bundle(path, bundle_dir)):
             raise InputError(f"{path}: {option}: expected a path outside any bundle, found one inside the bundle {bundle}")
     bundle = load_bundle(bundle_dir)
-    if bundle.manifest["student"].get("task") == "causal-lm":
+    decoder = bundle.manifest["student"].get("task") == "causal-lm"
+    other_kind = _given("batch", "sequence", "samples", "plot_path") if decoder else _given("prompt_tokens", "new_tokens")
+    if other_kind:
+        option = other_kind[0].replace("--plot-path", "--plot")
+        raise click.UsageError(f"{option}: this is {'a decoder' if decoder else 'an encoder'} bundle; {option} is for "
+                               f"{'encoder' if decoder else 'decoder'} bundles")
+    if decoder:
         from dataclasses import asdict
 
         from edgecompile.serve.bench_decoder import bench_decoder_bundle, decoder_bench_table
@@ -238,7 +270,7 @@ def _write_atomically(path: Path, text: str) -> None:
 @click.argument("bundle_dirs", nargs=-1, required=True, type=_existing())
 @click.option("--samples", type=_existing(), default=None, help="Texts, one per line [default: the first bundle's build samples].")
 @click.option("--target", default=None, help="Target folder to run [default: the first bundle's first].")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=_threads(1), default=1, show_default=True, help=f"At most {CORES}.")
 @click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True, help="Timed runs per text and router.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the comparison as JSON here.")
 def compare_routers(bundle_dirs: tuple[Path, ...], samples: Path | None, target: str | None, threads: int, runs: int,
@@ -254,7 +286,11 @@ def compare_routers(bundle_dirs: tuple[Path, ...], samples: Path | None, target:
     for bundle_dir in bundle_dirs:
         if json_path is not None and (inside := _enclosing_bundle(json_path, bundle_dir)):
             raise InputError(f"{json_path}: --json: expected a path outside any bundle, found one inside the bundle {inside}")
-    result = run_comparison([load_bundle(d) for d in bundle_dirs], samples, target, threads, runs)
+    bundles = [load_bundle(d) for d in bundle_dirs]
+    if decoders := [b.root for b in bundles if b.manifest["student"].get("task") == "causal-lm"]:
+        raise click.UsageError(f"{decoders[0]}: this is a decoder bundle; compare-routers compares encoder bundles' routers "
+                               "against their dense student (a decoder's router runs once per generation: see bench)")
+    result = run_comparison(bundles, samples, target, threads, runs)
     click.echo(comparison_table(result))
     if json_path:
         _write_atomically(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
@@ -277,6 +313,7 @@ def targets() -> None:
 
 
 BUNDLE_READERS = ("inspect", "run", "verify", "bench", "compare-routers")
+NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
 
 
 def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
@@ -286,9 +323,14 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
         return (code if isinstance(code, int) else 0), None
     except click.exceptions.Abort:
         return EXIT_INTERRUPTED, INTERRUPTED
-    except click.ClickException as exc:
+    except NO_ARGS_IS_HELP as exc:  # a bare `edgecompile`: the help is the answer
         exc.show()
         return exc.exit_code, None
+    except click.UsageError as exc:  # one line, as every other error (click's own form takes four)
+        command = exc.ctx.command_path if exc.ctx is not None else "edgecompile"
+        return exc.exit_code, f"error: {one_line(exc.format_message())} (see '{command} --help')"
+    except click.ClickException as exc:
+        return exc.exit_code, f"error: {one_line(exc.format_message())}"
     except EdgecompileError as exc:
         return exc.exit_code, f"error: {exc}"
     except KeyboardInterrupt:
