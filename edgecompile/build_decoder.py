@@ -109,27 +109,11 @@ def all_kept(masks: ClusterMasks) -> ClusterMasks:
     return ClusterMasks(-1, np.ones_like(masks.blocks), np.ones_like(masks.heads), np.ones_like(masks.neurons))
 
 
-def kv_cache(model) -> list[dict[str, Any]]:
-    """The KV inputs and outputs an app allocates for this graph, per original layer index."""
-    from edgecompile.serve.generate import PAST
-
-    layers = []
-    for value in model.graph.inputs:
-        if value.name.startswith(PAST) and value.name.endswith(".key"):
-            index = int(value.name.split(".")[1])
-            layers.append({
-                "layer": index,
-                "inputs": [f"past_key_values.{index}.key", f"past_key_values.{index}.value"],
-                "outputs": [f"present.{index}.key", f"present.{index}.value"],
-                "shape": ["batch_size", int(value.shape[1]), "past_sequence_length", int(value.shape[3])],
-            })
-    return layers
-
-
 def compile_decoder_graphs(inputs: Any, models: DecoderModels,
                            progress: Progress) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """(graphs: router, dense, cluster_<k>; manifest entries of dense and the clusters; the router's entry)"""
     from edgecompile.bundle.accounting import parameter_count
+    from edgecompile.bundle.decoder_folders import kv_cache_entries
     from edgecompile.bundle.router_cost import router_entry
     from edgecompile.families.router import export_router
     from edgecompile.families.llama import LlamaStructure, export_decoder, kept_structure, macs_per_token
@@ -154,7 +138,7 @@ def compile_decoder_graphs(inputs: Any, models: DecoderModels,
             macs = macs_per_token(dims, kept)
             dense_macs = dense_macs or macs
             entry = {
-                "graph": name, "kept": kept, "kv_cache": kv_cache(graph), "parameters": parameter_count(graph),
+                "graph": name, "kept": kept, "kv_cache": kv_cache_entries((v.name, list(v.shape)) for v in graph.graph.inputs), "parameters": parameter_count(graph),
                 "macs_per_token": macs, "macs_ratio_vs_dense": round(macs["linear"] / dense_macs["linear"], 4),
                 "nodes": len(graph.graph),
             }
@@ -206,7 +190,8 @@ def reference_outputs(inputs: Any, models: DecoderModels, progress: Progress) ->
 def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models: DecoderModels, reference: dict[str, Any],
                          config: dict[str, Any], tokenizer_files: list[Path], threads: int, progress: Progress):
     """One target's folder: lower, write (router + onnxruntime-genai folder), placement, parity."""
-    from edgecompile.bundle.decoder_folders import DECODER_FOLDER, overlay, write_decoder_folder
+    from edgecompile.bundle.decoder_folders import write_decoder_folder
+    from edgecompile.bundle.layout import genai_folder, genai_overlay, graph_file
     from edgecompile.bundle.store import graph_signature
     from edgecompile.check.decoder_parity import check_decoder_target
     from edgecompile.lowering.steps import GraphLowBit, lower_for_target
@@ -220,12 +205,13 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
     runtime = check_runtime_floor(target, lowered)
     with progress.step(f"writing the router and the onnxruntime-genai folder for target '{target.name}'"):
         needs = write_decoder_folder(folder, lowered, tokenizer_files, config)
-    files = {name: "router.onnx" if name == "router" else f"{DECODER_FOLDER}/{name}.onnx" for name in lowered}
+    files = {name: graph_file(target.name, name, decoder=True) for name in lowered}
+    paths = {name: root / file for name, file in files.items()}
     with progress.step(f"placement on '{target.name}' ({target.placement_checker})"):
-        placements = [placement_of(folder / files[name], target, name) for name in lowered]
+        placements = [placement_of(paths[name], target, name) for name in lowered]
     with progress.step(f"parity on '{target.name}' (prefill logits; greedy tokens via onnxruntime and onnxruntime-genai)"):
         speculation: dict[str, dict[str, float]] = {}
-        result = check_decoder_target(target, folder, list(lowered), reference, models.prompts, models.router_samples,
+        result = check_decoder_target(target, paths, root / genai_folder(target.name), reference, models.prompts, models.router_samples,
                                       models.eos, NEW_TOKENS, threads, progress=lambda graph: progress.note(f"running {graph}"),
                                       speculation=speculation, lowbit_graphs=frozenset(lowbit_graphs))
         for graph, stats in speculation.items():
@@ -237,8 +223,8 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
         "precision": target.precision, "dynamic_shapes": True, "format": "onnx", "shared_weights": True,
         "definition": target.source.name, "target": target_to_dict(target),
         **runtime,
-        "genai_folder": f"{target.name}/{DECODER_FOLDER}",
-        "graphs": {name: {"file": f"{target.name}/{files[name]}", **({} if name == "router" else {"genai_overlay": overlay(name)}),
+        "genai_folder": genai_folder(target.name),
+        "graphs": {name: {"file": files[name], **({} if name == "router" else {"genai_overlay": genai_overlay(name)}),
                           **graph_signature(model)} for name, model in lowered.items()},
         "placement": {p.graph: p.to_dict() for p in placements},
         "lowbit_graphs": lowbit_graphs,
@@ -251,7 +237,7 @@ def build_decoder_target(target: Any, root: Path, graphs: dict[str, Any], models
 def build_decoder(request: Any, inputs: Any, progress: Progress):
     from edgecompile.build import publish
     from edgecompile.bundle.decoder_folders import genai_config
-    from edgecompile.bundle.manifest import build_decoder_manifest
+    from edgecompile.bundle.manifest import build_decoder_manifest, decoder_student
 
     spec = inputs.student
     check_targets(inputs.targets)
@@ -260,8 +246,8 @@ def build_decoder(request: Any, inputs: Any, progress: Progress):
     graphs, entries, router = compile_decoder_graphs(inputs, models, progress)
     with progress.step("PyTorch reference: prefill logits and greedy tokens"):
         reference = reference_outputs(inputs, models, progress)
-    dims = models.dims
-    config = genai_config(spec.config, dims.layers, dims.heads, dims.kv_heads, dims.head_dim, dims.hidden, dims.max_positions)
+    student = decoder_student(spec, models.dims, models.eos)  # the manifest's, and all genai_config.json is made from
+    config = genai_config(student)
 
     def build_one(target, root: Path):
         return build_decoder_target(target, root, graphs, models, reference, config, list(spec.tokenizer_files()),
@@ -269,6 +255,6 @@ def build_decoder(request: Any, inputs: Any, progress: Progress):
 
     def manifest_of(target_entries, graph_bytes, files, tokenizers, reference_files):
         return build_decoder_manifest(inputs, models, entries, router, target_entries, graph_bytes, files, tokenizers,
-                                      reference_files, NEW_TOKENS)
+                                      reference_files, NEW_TOKENS, student)
 
     return publish(request, inputs, progress, build_one, reference, spec.tokenizer_files(), manifest_of)

@@ -37,6 +37,11 @@ class BundleError(EdgecompileError):
     exit_code = 5
 
 
+class GraphLoadError(EdgecompileError):
+    """A runtime refused to load a graph: a bug when `build` just wrote it (exit 1); a reading command turns it
+    into a BundleError (the bundle's graph, not the tool, is at fault)."""
+
+
 def one_line(text: object) -> str:
     """Collapse an exception text (often multi-line) into one readable line."""
     parts = [p.strip() for p in str(text).splitlines() if p.strip()]

@@ -142,6 +142,7 @@ def build_decoder_manifest(
     tokenizers: dict[str, str],
     reference: dict[str, str],
     new_tokens: int,
+    student: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest of a decoder bundle: as an encoder's, plus per graph its KV cache and onnxruntime-genai folder."""
     from edgecompile.families.llama import OPSET
@@ -160,18 +161,7 @@ def build_decoder_manifest(
         "tool": tool_versions(),
         "export_opset": OPSET,
         "student": {
-            "name": spec.path.name,
-            "family": spec.family,
-            "architecture": spec.architecture,
-            "task": "causal-lm",
-            "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
-            "layers": dims.layers, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_size": dims.head_dim,
-            "hidden_size": dims.hidden, "intermediate_size": dims.intermediate,
-            "rope": dims.rope,
-            "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
-            "max_seq_length": dims.max_positions,
-            "vocab_size": dims.vocab,
-            "eos_token_ids": sorted(models.eos),
+            **student,
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
@@ -185,6 +175,27 @@ def build_decoder_manifest(
         "targets": target_entries,
         "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
         "files": files,
+    }
+
+
+def decoder_student(spec: Any, dims: Any, eos: frozenset[int]) -> dict[str, Any]:
+    """The manifest's student section of a decoder, but its tokenizer and precision: all onnxruntime-genai's
+    config is made from (bundle/decoder_folders.genai_config), at build time and again by `verify`."""
+    return {
+        "name": spec.path.name,
+        "family": spec.family,
+        "architecture": spec.architecture,
+        "task": "causal-lm",
+        "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
+        "layers": dims.layers, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_size": dims.head_dim,
+        "hidden_size": dims.hidden, "intermediate_size": dims.intermediate,
+        "rope": dims.rope,
+        "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+        "max_seq_length": dims.max_positions,
+        "vocab_size": dims.vocab,
+        "eos_token_ids": sorted(eos),
+        "bos_token_id": spec.config.get("bos_token_id"),
+        "pad_token_id": spec.config.get("pad_token_id"),
     }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,6 +30,9 @@ from typing import Any
 
 import onnx_ir as ir
 
+from edgecompile.bundle.layout import (
+    GRAPH_NAME, MANIFEST, WEIGHTS, epcontext_file, genai_folder, genai_overlay, graph_file,
+)
 from edgecompile.errors import BundleError, InputError
 
 SCHEMA_VERSION = "edgecompile-bundle/1"
@@ -36,12 +40,12 @@ REFERENCE_OUTPUTS = "reference/outputs.safetensors"
 REFERENCE_SAMPLES = "reference/samples.txt"
 STUDENT_TOKENIZER = "tokenizer"
 ROUTER_TOKENIZER = "router_tokenizer"
-MANIFEST = "manifest.json"
 STAGING_MARKER = ".edgecompile-staging.json"  # in folders a build makes beside --out (staging.py); never part of a bundle
-WEIGHTS = "weights.bin"
 # student/router.tokenization (inputs/router.Tokenization): key -> the JSON types it may hold
 TOKENIZATION_KEYS = {"special_tokens": (bool,), "truncate_characters": (int, type(None)), "drop_token_id": (int, type(None)),
                      "drop_before_truncation": (bool,)}
+TASKS = ("causal-lm", "feature-extraction")  # student.task; absent: an encoder (bundles before decoders wrote none)
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # a target's name is its folder (lowering/targets.py enforces it too)
 SHARED_THRESHOLD = 1024
 ALIGNMENT = 4096  # page-aligned tensors can be memory-mapped by onnxruntime
 
@@ -246,6 +250,8 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
     for role in ("student", "router"):
         section = need(manifest, role, dict, "")
+        if role == "student" and section.get("task", "feature-extraction") not in TASKS:
+            raise BundleError(f"{path}: student.task: expected one of {', '.join(TASKS)} or absent, found {section['task']!r}"[:300])
         need(section, "tokenizer", str, f"{role}.")
         for key in ("max_seq_length", "vocab_size"):
             positive(section, key, f"{role}.")
@@ -269,7 +275,11 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     files = need(manifest, "files", dict, "")
     for rel, entry in files.items():
         need(entry, "sha256", str, f"files[{inside(rel, f'files[{rel}]')}].")
+    decoder = manifest["student"].get("task") == "causal-lm"
     for name, target in need(manifest, "targets", dict, "").items():
+        if not TARGET_NAME.fullmatch(name):
+            raise BundleError(f"{path}: targets: expected target names of lowercase letters, digits, '-' or '_' (each names "
+                              f"its folder), found {name!r}"[:300])
         if need(target, "target", dict, f"targets.{name}.").get("name") != name:
             raise BundleError(f"{path}: targets.{name}.target.name: expected {name!r} (its folder), found {target['target'].get('name')!r}"[:300])
         for key, kind in (("provider", str), ("precision", str), ("format", str), ("parity_executed_on", str),
@@ -280,9 +290,24 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{path}: targets.{name}.lowbit_graphs: expected a list of graph names, "
                               f"found {target['lowbit_graphs']!r}"[:300])
         for graph, info in need(target, "graphs", dict, f"targets.{name}.").items():
-            file = inside(need(info, "file", str, f"targets.{name}.graphs.{graph}."), f"targets.{name}.graphs.{graph}.file")
+            where = f"targets.{name}.graphs.{graph}"
+            if not GRAPH_NAME.fullmatch(graph):
+                raise BundleError(f"{path}: targets.{name}.graphs: expected graph names router, dense or cluster_<k>, "
+                                  f"found {graph!r}"[:300])
+            file = inside(need(info, "file", str, f"{where}."), f"{where}.file")
+            # one resolution of graph -> file for every command: the manifest may not point a graph elsewhere
+            expected = graph_file(name, graph, decoder=decoder, extension="ort" if target["format"] == "ort" else "onnx")
+            if file != expected:
+                raise BundleError(f"{path}: {where}.file: expected {expected!r} (where edgecompile writes graph "
+                                  f"'{graph}'), found {file!r}"[:300])
             if file not in files:
-                raise BundleError(f"{path}: targets.{name}.graphs.{graph}.file: expected a file listed in files, found {file!r}")
+                raise BundleError(f"{path}: {where}.file: expected a file listed in files, found {file!r}")
+            for key, value in (("epcontext", epcontext_file(name, graph)), ("genai_overlay", genai_overlay(graph))):
+                if key in info and info[key] != value:
+                    raise BundleError(f"{path}: {where}.{key}: expected {value!r}, found {info[key]!r}"[:300])
+        if decoder and target.get("genai_folder") != genai_folder(name):
+            raise BundleError(f"{path}: targets.{name}.genai_folder: expected {genai_folder(name)!r}, "
+                              f"found {target.get('genai_folder')!r}"[:300])
 
 
 def check_hashes(bundle: Bundle) -> list[str]:

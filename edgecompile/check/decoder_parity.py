@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.bundle.decoder_folders import DECODER_FOLDER
 from edgecompile.check.generation import compare_tokens, first_difference, genai_greedy, genai_model
 from edgecompile.check.parity import TargetParity, compare, compare_router, is_near_tie, run_graph
 from edgecompile.serve.generate import empty_cache, greedy
@@ -22,14 +21,16 @@ from edgecompile.serve.runtime import create_session
 from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
 
 
-def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference: dict[str, Any], prompts: list[list[int]],
-                         router_samples: list, eos: frozenset[int], new_tokens: int, threads: int = 0,
+def check_decoder_target(target: Any, paths: dict[str, Path], genai_folder: Path, reference: dict[str, Any],
+                         prompts: list[list[int]], router_samples: list, eos: frozenset[int], new_tokens: int, threads: int = 0,
                          progress=None, speculation: dict[str, dict[str, float]] | None = None,
                          lowbit_graphs: frozenset[str] = frozenset()) -> TargetParity:
-    """Parity of one decoder target folder, on exactly the files that ship.
+    """Parity of one decoder target folder, on exactly the files that ship: `paths` maps each graph to its file
+    (bundle/layout.py), `genai_folder` is the onnxruntime-genai folder holding the decoder graphs.
 
     `speculation`, when given, receives per graph with extra heads its acceptance rate and tokens per pass.
     """
+    graphs = list(paths)
     rows = []
     tokens_ort: dict[str, list[list[int]]] = {}
     cluster_ties: dict[str, list[bool]] = {}
@@ -37,10 +38,10 @@ def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference
         if progress:
             progress(graph)
         if graph == "router":
-            onnx_router = run_graph(folder / "router.onnx", target, router_samples, threads)
+            onnx_router = run_graph(paths["router"], target, router_samples, threads)
             rows += compare_router(target, reference["router"], onnx_router)
             continue
-        session = create_session(folder / DECODER_FOLDER / f"{graph}.onnx", target, threads)
+        session = create_session(paths[graph], target, threads)
         heads = ["logits"] + extra_head_outputs(session)
         prefill: dict[str, list[np.ndarray]] = {head: [] for head in heads}
         for prompt in prompts:
@@ -75,7 +76,7 @@ def check_decoder_target(target: Any, folder: Path, graphs: list[str], reference
                     "acceptance_rate": round(sum(r.accepted for r in runs) / drafted, 4) if drafted else 0.0,
                     "tokens_per_pass": round(sum(len(r.tokens) - 1 for r in runs) / passes, 4) if passes else 0.0,
                 }
-        model = genai_model(folder / DECODER_FOLDER, graph)
+        model = genai_model(genai_folder, graph)
         genai = [genai_greedy(model, p, new_tokens) for p in prompts]
         if lowbit:  # the same graph in two runtimes: identical to edgecompile run's tokens, strictly
             rows.append(compare_tokens(target.name, graph, "onnxruntime-genai vs onnxruntime", tokens_ort[graph], genai))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecompile.check.parity import Comparison
-from edgecompile.errors import EnvironmentProblem
+from edgecompile.errors import EnvironmentProblem, GraphLoadError, one_line
 
 
 TOP_K = 8  # reference logits kept per generated token, to judge where a quantized graph may diverge
@@ -52,16 +52,19 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int,
 
 def genai_model(folder: Path, graph: str):
     """onnxruntime-genai's model for one graph of a decoder folder, loaded as an app loads it."""
-    from edgecompile.bundle.decoder_folders import overlay
+    from edgecompile.bundle.layout import genai_overlay
 
     try:
         import onnxruntime_genai as og
     except ImportError:
         raise EnvironmentProblem("onnxruntime-genai is needed to check decoder bundles; install it with: "
                                  "pip install onnxruntime-genai") from None
-    config = og.Config(str(folder))
-    config.overlay(overlay(graph))
-    return og.Model(config)
+    try:
+        config = og.Config(str(folder))
+        config.overlay(genai_overlay(graph))
+        return og.Model(config)
+    except Exception as exc:  # onnxruntime-genai raises RuntimeError for a folder or graph it cannot load
+        raise GraphLoadError(f"{folder}: onnxruntime-genai could not load {graph}.onnx ({one_line(exc)})") from None
 
 
 def genai_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -13,12 +13,14 @@ Any inconsistency between manifest, samples, reference outputs and graphs is one
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
+from edgecompile.bundle.graph_files import check_graph_file
 from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundle, check_hashes
 from edgecompile.check.parity import TargetParity, check_target
-from edgecompile.errors import BundleError, InputError, one_line
+from edgecompile.errors import BundleError, GraphLoadError, InputError, one_line
 from edgecompile.inputs.samples import numbered_lines
 from edgecompile.inputs.tokens import Encoded
 from edgecompile.lowering.targets import target_from_dict
@@ -98,17 +100,19 @@ def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int
     texts = read_samples(bundle)
     reference = load_reference(bundle)
     check_reference(bundle, reference, len(texts), {name: list(entry["graphs"]) for name, entry in entries.items()})
+    paths = {name: graph_paths(bundle, entry) for name, entry in entries.items()}
     if bundle.manifest["student"].get("task") == "causal-lm":
-        return verify_decoder(bundle, reference, texts, entries, definitions, threads, progress)
+        return verify_decoder(bundle, reference, texts, entries, paths, definitions, threads, progress)
     student_samples, router_samples = encoded_samples(bundle, texts, "student"), encoded_samples(bundle, texts, "router")
     results = []
     for name, entry in entries.items():
-        paths = {graph: bundle.file(info["file"]) for graph, info in entry["graphs"].items()}
         try:
             results.append(check_target(
-                definitions[name], paths, reference, student_samples, router_samples, threads, progress,
+                definitions[name], paths[name], reference, student_samples, router_samples, threads, progress,
                 lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
             ))
+        except GraphLoadError as exc:
+            raise BundleError(str(exc)) from None
         except (InputError, KeyError, IndexError, ValueError) as exc:  # the bundle's data disagree with its graphs
             raise BundleError(f"{bundle.root}: target '{name}': the graphs do not fit the stored samples and reference "
                               f"outputs ({type(exc).__name__}: {one_line(exc)})") from None
@@ -117,12 +121,32 @@ def verify_bundle(bundle: Bundle, targets: list[str] | None = None, threads: int
     return results
 
 
-def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[str], entries: dict, definitions: dict,
-                   threads: int, progress=None) -> list[TargetParity]:
-    """Decoder bundles: prefill logits and greedy tokens (onnxruntime and onnxruntime-genai) against the stored reference."""
+def graph_paths(bundle: Bundle, entry: dict) -> dict[str, Path]:
+    """Every graph of a target at the file the layout names (the one `run` and `bench` open), each checked for what it
+    may ask of onnxruntime before parity hands it over (bundle/graph_files.py)."""
+    paths = {graph: bundle.graph_file(entry, graph) for graph in entry["graphs"]}
+    for path in paths.values():
+        check_graph_file(path)
+    return paths
+
+
+def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[str], entries: dict, paths: dict,
+                   definitions: dict, threads: int, progress=None) -> list[TargetParity]:
+    """Decoder bundles: prefill logits and greedy tokens (onnxruntime and onnxruntime-genai) against the stored reference.
+
+    onnxruntime-genai reads the folder's genai_config.json, which can name libraries and files: the file must be the
+    one `build` writes for this manifest, or onnxruntime-genai never sees the folder."""
+    from edgecompile.bundle.decoder_folders import check_genai_config, check_kv_cache
+    from edgecompile.bundle.layout import MANIFEST, genai_folder
     from edgecompile.check.decoder_parity import check_decoder_target
 
     student = bundle.manifest["student"]
+    described = {c["graph"]: c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]]}
+    for name, entry in entries.items():
+        check_genai_config(bundle.root, bundle.manifest, name)
+        for graph, path in paths[name].items():
+            if graph != "router":
+                check_kv_cache(bundle.root / MANIFEST, described.get(graph, {"graph": graph}), check_graph_file(path))
     tokenizer = bundle.tokenizer("student")
     prompts = [list(tokenizer(text)["input_ids"]) for text in texts]
     router_samples = encoded_samples(bundle, texts, "router")
@@ -130,10 +154,12 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
     for name, entry in entries.items():
         try:
             results.append(check_decoder_target(
-                definitions[name], bundle.file(name), list(entry["graphs"]), reference, prompts, router_samples,
+                definitions[name], paths[name], bundle.file(genai_folder(name)), reference, prompts, router_samples,
                 frozenset(student["eos_token_ids"]), int(bundle.manifest["generation"]["parity_new_tokens"]), threads, progress,
                 lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
             ))
+        except GraphLoadError as exc:
+            raise BundleError(str(exc)) from None
         except (InputError, KeyError, IndexError, ValueError, TypeError) as exc:  # the bundle's data disagree with its graphs
             raise BundleError(f"{bundle.root}: target '{name}': the decoder graphs do not fit the stored samples and "
                               f"reference outputs ({type(exc).__name__}: {one_line(exc)})") from None

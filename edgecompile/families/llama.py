@@ -392,8 +392,13 @@ def load_weights(path: Path, dims: LlamaDims) -> dict[str, np.ndarray]:
     weights: dict[str, np.ndarray] = {}
     with safe_open(str(path), framework="pt") as handle:
         names = set(handle.keys())
-        if dims.tied:
-            names.discard("lm_head.weight")  # transformers may save the tied copy; the graph reads embed_tokens
+        if dims.tied and "lm_head.weight" in names:  # transformers may save the tied copy; the graph reads embed_tokens
+            names.discard("lm_head.weight")
+            if "model.embed_tokens.weight" in names and not handle.get_tensor("lm_head.weight").equal(
+                    handle.get_tensor("model.embed_tokens.weight")):
+                raise input_error(path.parent / "config.json", "'tie_word_embeddings'", "false (model.safetensors holds an "
+                                  "lm_head.weight that differs from model.embed_tokens.weight: which one transformers "
+                                  "uses depends on its release)", "true")
         missing = sorted(set(expected) - names)
         if missing:
             raise input_error(path, f"tensor {missing[0]}", f"present (shape {list(expected[missing[0]])})",

@@ -23,7 +23,7 @@ import numpy as np
 from edgecompile.bundle.store import MANIFEST, Bundle
 from edgecompile.errors import BundleError, input_error
 from edgecompile.lowering.targets import Target, target_from_dict
-from edgecompile.serve.runtime import create_session
+from edgecompile.serve.runtime import bundle_session
 
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 1, 128
 
@@ -135,7 +135,7 @@ def bench_bundle(
     names = graphs or list(entry["graphs"])
     sessions, feeds = {}, {}
     for name in names:
-        session = create_session(bundle.graph_file(entry, name), target, threads)
+        session = bundle_session(bundle, entry, name, target, threads)
         vocab = bundle.manifest["router" if name == "router" else "student"]["vocab_size"]
         sessions[name], feeds[name] = session, _random_feed(session, batch, sequence, vocab, seed)
     for _ in range(warmup):
@@ -209,7 +209,7 @@ def _bench_routed(bundle: Bundle, entry: dict, target: Target, sessions: dict, r
     picked = [int(router.run(["cluster_id"], f)[0].reshape(-1)[0]) for f in router_feeds]
     for k in set(picked):
         if f"cluster_{k}" not in sessions:
-            sessions[f"cluster_{k}"] = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
+            sessions[f"cluster_{k}"] = bundle_session(bundle, entry, f"cluster_{k}", target, threads)
     dense = sessions["dense"]
     student_feeds = [feed(dense, s) for s in student_samples]
     n = len(texts)

@@ -17,7 +17,7 @@ from edgecompile.bundle.store import Bundle
 from edgecompile.errors import input_error
 from edgecompile.lowering.targets import target_from_dict
 from edgecompile.serve.generate import greedy
-from edgecompile.serve.runtime import create_session
+from edgecompile.serve.runtime import bundle_session
 from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
 
 
@@ -45,7 +45,7 @@ def bench_decoder_bundle(bundle: Bundle, target_name: str | None = None, *, prom
     rng = np.random.default_rng(seed)
     prompt = [int(t) for t in rng.integers(3, student["vocab_size"], size=prompt_tokens)]
     names = [g for g in entry["graphs"] if g != "router"]
-    sessions = {name: create_session(bundle.graph_file(entry, name), target, threads) for name in names}
+    sessions = {name: bundle_session(bundle, entry, name, target, threads) for name in names}
     speculative = {name for name, s in sessions.items() if extra_head_outputs(s)}
     prefill: dict[str, list[float]] = {n: [] for n in names}
     decode: dict[str, list[float]] = {n: [] for n in names}

@@ -19,7 +19,7 @@ import numpy as np
 from edgecompile.bundle.store import MANIFEST, Bundle
 from edgecompile.errors import BundleError
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.serve.runtime import create_session
+from edgecompile.serve.runtime import bundle_session
 
 
 @dataclass
@@ -99,7 +99,7 @@ def compare_routers(bundles: list[Bundle], samples: Path | None = None, target_n
         length = None if target.dynamic_shapes else target.sequence
         encoded = encode_role(bundle, "router", texts)
         check_fits(encoded, target, source, which=f"{bundle.root.name} router")
-        session = create_session(bundle.graph_file(entry, "router"), target, threads)
+        session = bundle_session(bundle, entry, "router", target, threads)
         names = [i.name for i in session.get_inputs()]
         sessions.append(session)
         feeds.append([{n: pad_batch([e], length)[n] for n in names} for e in encoded])
@@ -107,7 +107,7 @@ def compare_routers(bundles: list[Bundle], samples: Path | None = None, target_n
     first = bundles[0]
     dense_entry = entries[0]
     dense_target = target_from_dict(dense_entry["target"])
-    dense = create_session(first.graph_file(dense_entry, "dense"), dense_target, threads)
+    dense = bundle_session(first, dense_entry, "dense", dense_target, threads)
     dense_names = [i.name for i in dense.get_inputs()]
     dense_length = None if dense_target.dynamic_shapes else dense_target.sequence
     student = encode_role(first, "student", texts)

@@ -70,27 +70,31 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     greedy decoding runs too, for the speed-up and to prove the tokens identical (a difference is a
     parity failure on this machine, exit 3).
     """
+    from edgecompile.bundle.decoder_folders import check_kv_cache
+    from edgecompile.bundle.layout import MANIFEST
     from edgecompile.errors import input_error
-    from edgecompile.inputs.tokens import encode, load_tokenizer, pad_batch
+    from edgecompile.inputs.router import encode_role
+    from edgecompile.inputs.tokens import pad_batch
     from edgecompile.lowering.targets import target_from_dict
-    from edgecompile.serve.runtime import create_session
+    from edgecompile.serve.runtime import bundle_session
 
     entry = bundle.target(target_name)
     target = target_from_dict(entry["target"])
-    router_info, student = bundle.manifest["router"], bundle.manifest["student"]
-    tokenizer = load_tokenizer(bundle.root / student["tokenizer"])
+    student = bundle.manifest["student"]
+    tokenizer = bundle.tokenizer("student")
     ids = list(tokenizer(prompt)["input_ids"])
     if not ids:  # a tokenizer that adds no BOS token gives an empty prompt nothing to attend to
         raise input_error("--prompt", "prompt tokens", "at least 1 (this model's tokenizer adds no BOS token)", 0)
     if len(ids) + max_new_tokens > student["max_seq_length"]:
         raise input_error("--prompt", "prompt tokens + --max-new-tokens",
                           f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
-    routed = encode(load_tokenizer(bundle.root / router_info["tokenizer"]), [prompt], router_info["max_seq_length"])
-    router = create_session(bundle.graph_file(entry, "router"), target, threads)
-    feed = pad_batch(routed)
+    router = bundle_session(bundle, entry, "router", target, threads)
+    feed = pad_batch(encode_role(bundle, "router", [prompt]))  # as verify's end-to-end row tokenizes for the router
     cluster_id, distances = router.run(["cluster_id", "distances"], {i.name: feed[i.name] for i in router.get_inputs()})
     k = int(cluster_id.reshape(-1)[0])
-    session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
+    session = bundle_session(bundle, entry, f"cluster_{k}", target, threads)
+    described = next((c for c in bundle.manifest["clusters"] if c.get("graph") == f"cluster_{k}"), {"graph": f"cluster_{k}"})
+    check_kv_cache(bundle.root / MANIFEST, described, ((i.name, i.shape) for i in session.get_inputs()))
     eos = frozenset(student.get("eos_token_ids", []))
     result = greedy(session, ids, max_new_tokens, eos)
     extra = {}

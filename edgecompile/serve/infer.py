@@ -19,7 +19,7 @@ from edgecompile.errors import BundleError
 from edgecompile.inputs.router import encode_router, tokenization_from_manifest
 from edgecompile.inputs.tokens import pad_batch
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.serve.runtime import create_session
+from edgecompile.serve.runtime import bundle_session
 
 
 def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -46,13 +46,13 @@ def route_and_run(bundle: Bundle, text: str, target_name: str | None = None, thr
         return encoded[0], pad_batch(encoded, length)
 
     router_sample, router_batch = tokens("router")
-    router = create_session(bundle.graph_file(entry, "router"), target, threads)
+    router = bundle_session(bundle, entry, "router", target, threads)
     cluster_id, distances = router.run(["cluster_id", "distances"], _feed(router, router_batch))
     k = int(cluster_id.reshape(-1)[0])
     if f"cluster_{k}" not in entry["graphs"]:
         raise BundleError(f"{bundle.root}: router.onnx chose cluster {k}, which this bundle does not have")
     sample, batch = tokens("student")
-    session = create_session(bundle.graph_file(entry, f"cluster_{k}"), target, threads)
+    session = bundle_session(bundle, entry, f"cluster_{k}", target, threads)
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, _feed(session, batch))
     outputs = {}

@@ -18,7 +18,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from edgecompile.errors import EdgecompileError, EnvironmentProblem, one_line
+from edgecompile.errors import BundleError, EnvironmentProblem, GraphLoadError, one_line
 from edgecompile.lowering.targets import Target
 
 
@@ -103,7 +103,7 @@ def open_session(path: Path, target: Target, options: ort.SessionOptions, provid
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
-        raise EdgecompileError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
+        raise GraphLoadError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
 
 
 def onnxruntime_refused(exc: BaseException) -> bool:
@@ -123,3 +123,17 @@ def create_session(path: Path, target: Target, threads: int = 0, strict: bool | 
     options = session_options(threads)
     providers = configure(options, target, target.strict_placement if strict is None else strict)
     return open_session(path, target, options, providers)
+
+
+def bundle_session(bundle: Any, entry: dict[str, Any], graph: str, target: Target, threads: int = 0) -> ort.InferenceSession:
+    """A session on one graph of a bundle, as every reading command opens it: the file the bundle's layout names
+    (bundle/layout.py), checked for what it may ask of onnxruntime (bundle/graph_files.py) before onnxruntime
+    sees it; a graph onnxruntime cannot load is the bundle's fault (BundleError, exit 5), never a traceback."""
+    from edgecompile.bundle.graph_files import check_graph_file
+
+    path = bundle.graph_file(entry, graph)
+    check_graph_file(path)
+    try:
+        return create_session(path, target, threads)
+    except GraphLoadError as exc:
+        raise BundleError(f"{exc}; run `edgecompile verify`") from None
