@@ -159,6 +159,16 @@ def test_run_speculative_prints_acceptance_and_speedup(mtp_bundle, cli):
     assert {"acceptance_rate", "tokens_per_forward_pass", "speedup_vs_greedy"} <= set(result["speculative"])
 
 
+@pytest.mark.parametrize("new_tokens", ["1", "2", "3"])
+def test_run_speculative_with_budgets_shorter_than_a_draft_gives_the_greedy_tokens(mtp_bundle, cli, new_tokens):
+    """n = 4 drafts 3 tokens a pass: a budget of 1-3 tokens must cut the drafts, never overshoot or fail."""
+    out, _ = mtp_bundle
+    code, stdout, stderr = cli("run", out, "--prompt", "Ok", "--max-new-tokens", new_tokens, "--speculative")
+    assert code == 0, stderr
+    plain = json.loads(cli("run", out, "--prompt", "Ok", "--max-new-tokens", new_tokens)[1])
+    assert json.loads(stdout)["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == int(new_tokens)
+
+
 @pytest.mark.parametrize("edit, needles", [
     (lambda t: t.pop("extra_heads.1.mlp.up_proj.weight"), ("extra_heads.1.mlp.up_proj.weight", "missing")),
     (lambda t: t.update({"extra_heads.3.input_layernorm.weight": t["extra_heads.0.input_layernorm.weight"].clone()}),
