@@ -260,6 +260,9 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
                          "the masks file names no router (metadata router.encoder.*): centroids not checked against it"))
         if not spec.is_decoder:
             note_pruned_heads(spec, masks, progress)
+        if spec.ignored_fields:
+            progress.note(f"config.json fields transformers' config class neither defines nor reads, ignored as bookkeeping "
+                          f"(manifest: student.config_fields_ignored): {', '.join(spec.ignored_fields)}")
     if spec.is_decoder:
         from edgecompile.build_decoder import build_decoder
 

@@ -444,6 +444,8 @@ BAD_CHECKPOINTS = {
         lambda c: c.update({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4},
                             "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}), None,
         ("config.json", "'rope_scaling'", "yarn") if TRANSFORMERS_MAJOR >= 5 else ("config.json", "rope_parameters", "transformers>=5")),
+    "is_causal": (lambda c: c.update(is_causal=False), None, ("config.json", "is_causal", "expected it absent")),
+    "layer_types": (lambda c: c.update(layer_types=["sliding_attention"] * LAYERS), None, ("config.json", "layer_types")),
     "attention_bias": (lambda c: c.update(attention_bias=True), None, ("config.json", "'attention_bias'", "expected False")),
     "hidden_act": (lambda c: c.update(hidden_act="gelu"), None, ("config.json", "'hidden_act'", "'silu'", "'gelu'")),
     "kv_heads": (lambda c: c.update(num_key_value_heads=3), None, ("config.json", "num_key_value_heads", "3")),
@@ -462,6 +464,19 @@ def test_bad_decoder_checkpoints_fail_in_one_line(models_dir, llama_router, tmp_
     masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
     assert_one_line_error(cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--out", tmp_path / "o", "-q"), *needles)
     assert not (tmp_path / "o").exists()
+
+
+def test_fields_no_transformers_config_defines_are_bookkeeping_and_listed(models_dir, llama_router, prompts_file, tmp_path, cli):
+    """transformers' GGUF loader writes `_model_name_or_path` and `unk_token_id`; LlamaConfig defines neither and the
+    model reads neither, so the checkpoint builds as saved and the manifest says what was ignored."""
+    path = edited_llama(models_dir, "gguf_written", lambda c: c.update(_model_name_or_path="/tmp/x", unk_token_id=0), None)
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}}, np.ones((1, 24), np.float32))
+    code, _, stderr = cli("build", path, "--masks", masks, "--router-encoder", llama_router, "--samples", prompts_file,
+                          "--out", tmp_path / "o")
+    assert code == 0, stderr
+    assert "neither defines nor reads, ignored as bookkeeping" in stderr and "_model_name_or_path, unk_token_id" in stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["student"]["config_fields_ignored"] == ["_model_name_or_path", "unk_token_id"]
 
 
 def test_sharded_checkpoint_is_refused_saying_how_to_save_it_whole(llama, llama_router, tmp_path, cli):

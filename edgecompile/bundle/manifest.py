@@ -196,6 +196,7 @@ def decoder_student(spec: Any, dims: Any, eos: frozenset[int]) -> dict[str, Any]
         "eos_token_ids": sorted(eos),
         "bos_token_id": spec.config.get("bos_token_id"),
         "pad_token_id": spec.config.get("pad_token_id"),
+        "config_fields_ignored": list(spec.ignored_fields),
     }
 
 

@@ -102,13 +102,19 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return {"rope_type": rope_type, "rope_theta": config.get("rope_theta", 10000.0), **scaling}
 
 
-def check_config(path: Path, config: dict[str, Any]) -> str:
-    """Refuse (one line, naming the field) anything the decoder graph would not compute exactly."""
+def check_config(path: Path, config: dict[str, Any]) -> tuple[str, list[str]]:
+    """Refuse (one line, naming the field) anything the decoder graph would not compute exactly; returns the
+    architecture and the bookkeeping fields accepted because transformers defines and reads none of them."""
+    from transformers import LlamaConfig
+
+    from edgecompile.families.config_fields import undefined_fields
+
     architecture = (config.get("architectures") or ["LlamaForCausalLM"])[0]
     if architecture not in ARCHITECTURES:
         raise input_error(path, "'architectures'", " or ".join(ARCHITECTURES), repr(architecture))
+    ignored = undefined_fields(config, LlamaConfig, IMPLEMENTED | INERT)
     for key in sorted(config):
-        if key not in IMPLEMENTED and key not in INERT:
+        if key not in IMPLEMENTED and key not in INERT and key not in ignored:
             raise InputError(f"{path}: field '{key}' is not implemented by edgecompile's llama family "
                              f"(value {config[key]!r:.60}); expected it absent")
     for key, expected in EXPECTED.items():
@@ -145,7 +151,7 @@ def check_config(path: Path, config: dict[str, Any]) -> str:
     n_future = config.get("n_future_tokens", 1)
     if isinstance(n_future, bool) or not isinstance(n_future, int) or n_future < 1:
         raise input_error(path, "'n_future_tokens'", "a positive integer", repr(n_future))
-    return architecture
+    return architecture, ignored
 
 
 def inverse_frequencies(dims: LlamaDims) -> np.ndarray:

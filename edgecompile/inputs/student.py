@@ -35,6 +35,7 @@ class StudentSpec:
     max_seq_length: int = 512
     has_pooler: bool = False  # BertModel with pooler weights in the checkpoint
     num_labels: int = 0
+    ignored_fields: tuple[str, ...] = ()  # config.json fields transformers' config class neither defines nor reads
 
     @property
     def num_layers(self) -> int:
@@ -248,10 +249,10 @@ def load_student(path: Path, *, role: str = "student") -> StudentSpec:
     if isinstance(config, dict) and config.get("model_type") in DECODER_FAMILIES:
         from edgecompile.families.llama import check_config
 
-        architecture = check_config(config_path, config)
+        architecture, ignored = check_config(config_path, config)
         _check_weights(path)
         return StudentSpec(path, config["model_type"], architecture, path, config,
-                           max_seq_length=int(config.get("max_position_embeddings", 2048)))
+                           max_seq_length=int(config.get("max_position_embeddings", 2048)), ignored_fields=tuple(ignored))
     architecture = _check_bert_config(config_path, config, SUPPORTED_ARCHITECTURES)
     names = _check_weights(path)
     if architecture == "BertForSequenceClassification":
