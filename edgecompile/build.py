@@ -40,6 +40,7 @@ class BuildRequest:
     threads: int = 0
     keep_failed: bool = False  # on a parity / placement miss, keep the staging folder as <out>.failed
     router_layers: int | None = None  # use only the router encoder's first n layers
+    chat_samples: bool = False  # decoders: each sample is a user turn of the student's chat template
 
 
 @dataclass
@@ -104,7 +105,10 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
                           "tokenizer cannot stand in for the student's)", "none")
     masks = load_masks(Path(request.masks), student, router.embedding_dim)
     checked = check_masks_router(masks.path, masks.router_identity, router)
-    samples = load_samples(request.samples)
+    if request.chat_samples and not student.is_decoder:
+        raise input_error("--chat-samples", "student", "a decoder language model (chat templates are theirs)",
+                          f"{student.architecture}")
+    samples = load_samples(request.samples, request.chat_samples)
     return ValidatedInputs(student, router, masks, samples, targets, read_sidecar(student.path), checked)
 
 

@@ -60,7 +60,7 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
     from edgecompile.families.llama import LlamaDims, load_reference, load_weights
     from edgecompile.families.mtp import load_extra_heads
     from edgecompile.inputs.student import WEIGHTS_FILE
-    from edgecompile.inputs.tokens import load_tokenizer
+    from edgecompile.inputs.tokens import load_tokenizer, prompt_ids
 
     spec = inputs.student
     torch.manual_seed(0)
@@ -71,7 +71,9 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
     tokenizer = load_tokenizer(spec.transformer_dir)
     if len(tokenizer) > dims.vocab:
         raise input_error(spec.transformer_dir, "tokenizer vocabulary", f"at most the model's vocab_size {dims.vocab}", len(tokenizer))
-    prompts = [list(tokenizer(text)["input_ids"]) for text in inputs.samples.texts]
+    samples = inputs.samples
+    prompts = [prompt_ids(tokenizer, text, chat=samples.chat, source=f"{samples.source}: line {line}")
+               for line, text in zip(samples.lines, samples.texts)]
     for line, prompt in zip(inputs.samples.lines, prompts):
         if len(prompt) + NEW_TOKENS > dims.max_positions:
             raise input_error(inputs.samples.source, f"line {line} (prompt tokens)",

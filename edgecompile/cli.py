@@ -78,12 +78,13 @@ def cli() -> None:
 @click.option("--out", required=True, type=_existing(), help="Bundle folder to create (must not exist unless --force).")
 @click.option("--target", "targets", multiple=True, default=("cpu",), show_default=True, help="Target name or path to a target .toml; repeat for several targets.")
 @click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
+@click.option("--chat-samples", is_flag=True, help="Decoders: each sample is a user turn of the student's chat template (as run --chat renders it).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"onnxruntime intra-op threads for parity (0 = all cores; at most {CORES}).")
 @click.option("--keep-failed", is_flag=True, help="On a parity or placement failure, keep the graphs in <out>.failed/ to inspect.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
 def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: int | None, out: Path, targets: tuple[str, ...], samples: Path | None,
-          force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
+          chat_samples: bool, force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
     """Export STUDENT_DIR once, rewrite one graph per cluster, build the router, prove parity, write the bundle.
 
     Exit code 0 means the bundle at --out is complete and passed parity on every target; any other exit
@@ -96,7 +97,7 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: i
 
     progress = Progress(quiet=quiet)
     request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed,
-                           router_layers)
+                           router_layers, chat_samples)
     result = run_build(request, progress)
     if interrupt.requested():  # the signal came after the commit: say what is true on disk
         click.echo(f"note: interrupted after the bundle was written: {result.out} is complete and passed parity", err=True)
@@ -120,35 +121,45 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=_existing())
 @click.option("--text", default=None, callback=_utf8, help="Encoder bundles: the input to route and run.")
-@click.option("--prompt", default=None, callback=_utf8, help="Decoder bundles: the prompt to route and continue.")
+@click.option("--prompt", default=None, callback=_utf8, help="Decoder bundles: the prompt to route and continue, as is.")
+@click.option("--chat", default=None, callback=_utf8, help="Decoder bundles: a user message, rendered with the bundle's chat template.")
+@click.option("--system", default=None, callback=_utf8, help="Decoder bundles, with --chat: a system message before it.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Decoder bundles: tokens to generate.")
 @click.option("--speculative", is_flag=True, help="Decoder bundles with multi-token-prediction heads: draft with the extra heads, "
               "verify with the next-token head (tokens identical to greedy); prints acceptance and speed-up.")
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
 @click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"0 = all cores; at most {CORES}.")
-def run(bundle_dir: Path, text: str | None, prompt: str | None, max_new_tokens: int, speculative: bool, target: str | None,
-        threads: int) -> None:
+def run(bundle_dir: Path, text: str | None, prompt: str | None, chat: str | None, system: str | None, max_new_tokens: int,
+        speculative: bool, target: str | None, threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON.
 
     Encoder bundles take --text and print the cluster's outputs; a text longer than a model's
     max_seq_length is cut to it, as an app would, and the JSON's `truncated` and a warning on stderr
-    say so. Decoder bundles take --prompt and print the greedily generated tokens, prefill ms and
-    decode ms per token.
+    say so. Decoder bundles take --prompt (as is) or --chat (a user turn of the bundle's chat
+    template, after --system if given) and print the reply greedily generated, its tokens, prefill ms,
+    decode ms per token and tokens per second.
     """
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.infer import route_and_run, truncation_warning
 
     bundle = load_bundle(bundle_dir)
     decoder = bundle.manifest["student"].get("task") == "causal-lm"
-    given, needed = ("--prompt", "--text") if decoder else ("--text", "--prompt")
-    if (prompt if decoder else text) is None or (text if decoder else prompt) is not None:
-        raise click.UsageError(f"this is {'a decoder' if decoder else 'an encoder'} bundle: give {given} (not {needed})")
-    if not decoder and (decoder_only := _given("max_new_tokens", "speculative")):
-        raise click.UsageError(f"{decoder_only[0]}: this is an encoder bundle; {decoder_only[0]} is for decoder bundles")
+    if decoder:
+        if (prompt is None) == (chat is None) or text is not None:
+            raise click.UsageError("this is a decoder bundle: give --prompt or --chat (one of them; not --text)")
+        if system is not None and chat is None:
+            raise click.UsageError("--system: goes with --chat (a chat's system message), not with --prompt")
+    else:
+        if text is None or prompt is not None:
+            raise click.UsageError("this is an encoder bundle: give --text (not --prompt)")
+        if decoder_only := _given("max_new_tokens", "speculative", "chat", "system"):
+            raise click.UsageError(f"{decoder_only[0]}: this is an encoder bundle; {decoder_only[0]} is for decoder bundles")
     if decoder:
         from edgecompile.serve.generate import route_and_generate
 
-        click.echo(json.dumps(route_and_generate(bundle, prompt, max_new_tokens, target, threads, speculative)))
+        result = route_and_generate(bundle, chat if prompt is None else prompt, max_new_tokens, target, threads, speculative,
+                                    chat=prompt is None, system=system)
+        click.echo(json.dumps(result))
         return
     result = route_and_run(bundle, text, target, threads)
     if warning := truncation_warning(result):

@@ -151,8 +151,14 @@ def redundancy_clean_like(directory: Path, *, ternary_ffn: bool = False, embeddi
     return directory
 
 
-def write_bpe_tokenizer(directory: Path, vocab_size: int = 320) -> int:
-    """A byte-level BPE (GPT-2 / Llama-3 style) trained offline on the built-in samples, saved as tokenizer.json."""
+# A ChatML-like template in the form SmolLM2's is (one turn per message, the assistant's header last)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_bpe_tokenizer(directory: Path, vocab_size: int = 320, chat_template: str | None = None) -> int:
+    """A byte-level BPE (GPT-2 / Llama-3 style) trained offline on the built-in samples, saved as tokenizer.json
+    (with `chat_template`, saved as the installed transformers saves one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -164,6 +170,8 @@ def write_bpe_tokenizer(directory: Path, vocab_size: int = 320) -> int:
     tokenizer.train_from_iterator(list(BUILTIN_SAMPLES) * 3, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(directory))
     return len(fast)
@@ -183,12 +191,13 @@ def make_llama(
     max_positions: int = 256,
     fresh_init: bool = False,
     config_overrides: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """A tiny random-weight LlamaForCausalLM (grouped-query attention) with a BPE tokenizer, saved by transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
-    vocab_size = write_bpe_tokenizer(directory)
+    vocab_size = write_bpe_tokenizer(directory, chat_template=chat_template)
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,

@@ -276,3 +276,74 @@ def test_tied_embeddings_beside_a_different_lm_head_are_refused_naming_the_field
     assert_one_line_error(cli("build", llama, "--masks", masks, "--router-encoder", router, "--out", tmp_path / "out", "-q"),
                           "config.json", "'tie_word_embeddings'", "lm_head.weight that differs", "found true")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat prompts: the bundle's chat template is Jinja, rendered only in transformers' sandbox
+
+ESCAPE = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chat_built(tmp_path_factory):
+    """A decoder whose tokenizer has a ChatML-like template, built with its parity samples as chat turns."""
+    from edgecompile.build import BuildRequest, build
+    from factories import CHAT_TEMPLATE
+
+    root = tmp_path_factory.mktemp("decoder_chat")
+    llama = make_llama(root / "llama", seed=14, chat_template=CHAT_TEMPLATE)
+    router = make_bert(root / "router", family="st", seed=12, hidden=24, heads=2, intermediate=48)
+    samples = root / "prompts.txt"
+    samples.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    masks = write_masks(root / "masks.safetensors", {0: {"blocks": np.ones((LAYERS, 2))},
+                                                     1: {"blocks": np.array([[1, 0], [0, 1], [1, 1], [0, 0]])}},
+                        (np.random.default_rng(3).standard_normal((2, 24)) * 0.3).astype(np.float32))
+    build(BuildRequest(llama, masks, router, root / "bundle", samples=samples, chat_samples=True))
+    return root / "bundle", llama, router, masks, samples
+
+
+def test_run_chat_renders_the_template_and_decodes_the_reference_reply(chat_built, cli):
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    out = chat_built[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"]["chat"] is True and (out / "tokenizer" / "chat_template.jinja").is_file()
+    code, stdout, stderr = cli("run", out, "--chat", PROMPTS[1], "--max-new-tokens", "32")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert result["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    reference = load_file(str(out / "reference" / "outputs.safetensors"))
+    assert result["token_ids"] == reference[f"cluster_{result['cluster_id']}/greedy_tokens/0001"].tolist()
+    assert result["decode_tokens_per_second"] > 0 and result["chat"] is True
+    code, stdout, stderr = cli("run", out, "--chat", PROMPTS[1], "--system", "Be brief.", "--max-new-tokens", "4")
+    assert code == 0 and json.loads(stdout)["prompt_tokens"] > result["prompt_tokens"], stderr
+    code, _, stderr = cli("verify", out)
+    assert code == 0, stderr
+
+
+def test_a_chat_template_that_reaches_for_python_internals_is_stopped_by_the_sandbox(chat_built, cli, tmp_path):
+    out, llama, router, masks, samples = chat_built
+    bundle = copy_bundle(out, tmp_path / "bundle")
+    (bundle / "tokenizer" / "chat_template.jinja").write_text(ESCAPE)
+    rehash(bundle, "tokenizer/chat_template.jinja")
+    assert_one_line_error(cli("run", bundle, "--chat", "hi"), "chat template failed to render", "SecurityError", code=5)
+    assert_one_line_error(cli("verify", bundle), "chat template failed to render", "SecurityError", code=5)
+    student = tmp_path / "student"
+    shutil.copytree(llama, student)
+    (student / "chat_template.jinja").write_text(ESCAPE)
+    assert_one_line_error(cli("build", student, "--masks", masks, "--router-encoder", router, "--samples", samples,
+                              "--chat-samples", "--out", tmp_path / "o", "-q"), "line 1", "chat template failed", "SecurityError")
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_options_need_a_template_and_a_decoder(built, chat_built, cli, tmp_path, st_student, router_encoder):
+    assert_one_line_error(cli("run", built, "--chat", "hi"), "--chat", "chat template", "found none")
+    assert_one_line_error(cli("run", chat_built[0], "--prompt", "hi", "--system", "x"), "--system", "goes with --chat")
+    assert_one_line_error(cli("run", chat_built[0], "--prompt", "hi", "--chat", "hi"), "--prompt or --chat")
+    masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((2, 2))}}, np.zeros((1, 24), np.float32))
+    assert_one_line_error(cli("build", st_student, "--masks", masks, "--router-encoder", router_encoder, "--chat-samples",
+                              "--out", tmp_path / "o", "-q"), "--chat-samples", "a decoder language model")

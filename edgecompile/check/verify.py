@@ -22,7 +22,7 @@ from edgecompile.bundle.store import REFERENCE_OUTPUTS, REFERENCE_SAMPLES, Bundl
 from edgecompile.check.parity import TargetParity, check_target
 from edgecompile.errors import BundleError, GraphLoadError, InputError, one_line
 from edgecompile.inputs.samples import numbered_lines
-from edgecompile.inputs.tokens import Encoded
+from edgecompile.inputs.tokens import Encoded, prompt_ids
 from edgecompile.lowering.targets import target_from_dict
 from edgecompile.inputs.router import encode_role
 from edgecompile.reference.evaluate import Outputs
@@ -148,7 +148,11 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
             if graph != "router":
                 check_kv_cache(bundle.root / MANIFEST, described.get(graph, {"graph": graph}), check_graph_file(path))
     tokenizer = bundle.tokenizer("student")
-    prompts = [list(tokenizer(text)["input_ids"]) for text in texts]
+    chat = bundle.manifest.get("samples", {}).get("chat", False) is True
+    try:
+        prompts = [prompt_ids(tokenizer, text, chat=chat, source=f"{REFERENCE_SAMPLES}") for text in texts]
+    except InputError as exc:  # the bundle's own tokenizer or chat template
+        raise BundleError(str(exc)) from None
     router_samples = encoded_samples(bundle, texts, "router")
     results = []
     for name, entry in entries.items():

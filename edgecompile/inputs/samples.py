@@ -47,6 +47,7 @@ class Samples:
     texts: tuple[str, ...]
     lines: tuple[int, ...]  # 1-based line of each text in its file, for error messages
     source: str  # the file, or "built-in"
+    chat: bool = False  # decoders: each text is a user turn of the student's chat template (inputs/tokens.prompt_ids)
 
 
 def numbered_lines(text: str) -> list[tuple[int, str]]:
@@ -55,9 +56,9 @@ def numbered_lines(text: str) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
-def load_samples(path: Path | None) -> Samples:
+def load_samples(path: Path | None, chat: bool = False) -> Samples:
     if path is None:
-        return Samples(BUILTIN_SAMPLES, tuple(range(1, len(BUILTIN_SAMPLES) + 1)), "built-in")
+        return Samples(BUILTIN_SAMPLES, tuple(range(1, len(BUILTIN_SAMPLES) + 1)), "built-in", chat)
     path = Path(path)
     if path.is_dir():
         raise input_error(path, "--samples", "a text file, one input per line", "a folder")
@@ -75,4 +76,4 @@ def load_samples(path: Path | None) -> Samples:
     numbered = numbered_lines(text)
     if not numbered:
         raise input_error(path, "samples", "at least one non-empty line", "none")
-    return Samples(tuple(t for _, t in numbered), tuple(n for n, _ in numbered), str(path))
+    return Samples(tuple(t for _, t in numbered), tuple(n for n, _ in numbered), str(path), chat)

@@ -16,8 +16,9 @@ SUPPORTED_DESCRIPTION = (
     "or LlamaForCausalLM"
 )
 DECODER_FAMILIES = ("llama",)  # model_type values compiled as decoder language models (families/llama.py)
+# chat_template.jinja: where transformers 5 saves a chat template (4.x kept it in tokenizer_config.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model")
+                   "tokenizer.model", "chat_template.jinja")
 WEIGHTS_FILE = "model.safetensors"
 
 

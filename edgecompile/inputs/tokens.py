@@ -54,3 +54,26 @@ def pad_batch(samples: list[Encoded], length: int | None = None, pad_id: int = 0
         types[row, : s.length] = s.token_type_ids
         mask[row, : s.length] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def prompt_ids(tokenizer, text: str, *, chat: bool = False, system: str | None = None, source: str = "--prompt") -> list[int]:
+    """A decoder prompt's token ids: `text` as the tokenizer encodes it (its special tokens included), or with
+    `chat`, as one user turn (after `system`, if given) of the tokenizer's chat template, ready for the reply.
+
+    The template is Jinja from the model's folder: transformers renders it in its immutable sandbox (no attribute
+    of Python internals, no imports, no file access); a template that the sandbox stops, or that fails, is one
+    InputError naming `source`, never a traceback.
+    """
+    if not chat:
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{source}: expected a tokenizer with a chat template (tokenizer_config.json or "
+                         "chat_template.jinja), found none; give the text as a plain prompt instead")
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": text}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 SecurityError (the sandbox), TemplateError, or the template's raise_exception
+        raise InputError(f"{source}: the tokenizer's chat template failed to render ({type(exc).__name__}: "
+                         f"{one_line(exc)})") from None
+    # the template writes the special tokens itself (as transformers tokenizes a rendered chat)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])

@@ -63,8 +63,11 @@ def greedy(session: ort.InferenceSession, prompt: list[int], max_new_tokens: int
 
 
 def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: str | None = None, threads: int = 0,
-                       speculative: bool = False) -> dict:
+                       speculative: bool = False, *, chat: bool = False, system: str | None = None) -> dict:
     """What an app does with a decoder bundle: route the prompt once, then decode greedily with that cluster.
+
+    With `chat`, the prompt is a user turn of the bundle's chat template (inputs/tokens.prompt_ids); the router
+    reads the user's text itself, as the build's parity samples route.
 
     With `speculative`, the cluster's multi-token-prediction heads draft and head 0 verifies; the plain
     greedy decoding runs too, for the speed-up and to prove the tokens identical (a difference is a
@@ -72,21 +75,27 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     """
     from edgecompile.bundle.decoder_folders import check_kv_cache
     from edgecompile.bundle.layout import MANIFEST
-    from edgecompile.errors import input_error
+    from edgecompile.errors import BundleError, InputError, input_error
     from edgecompile.inputs.router import encode_role
-    from edgecompile.inputs.tokens import pad_batch
+    from edgecompile.inputs.tokens import pad_batch, prompt_ids
     from edgecompile.lowering.targets import target_from_dict
     from edgecompile.serve.runtime import bundle_session
 
     entry = bundle.target(target_name)
     target = target_from_dict(entry["target"])
     student = bundle.manifest["student"]
+    option = "--chat" if chat else "--prompt"
     tokenizer = bundle.tokenizer("student")
-    ids = list(tokenizer(prompt)["input_ids"])
+    try:
+        ids = prompt_ids(tokenizer, prompt, chat=chat, system=system, source=option)
+    except InputError as exc:
+        if "chat template failed" in str(exc):  # the bundle's template, not the user's words
+            raise BundleError(f"{bundle.root / student['tokenizer']}: {exc}") from None
+        raise
     if not ids:  # a tokenizer that adds no BOS token gives an empty prompt nothing to attend to
-        raise input_error("--prompt", "prompt tokens", "at least 1 (this model's tokenizer adds no BOS token)", 0)
+        raise input_error(option, "prompt tokens", "at least 1 (this model's tokenizer adds no BOS token)", 0)
     if len(ids) + max_new_tokens > student["max_seq_length"]:
-        raise input_error("--prompt", "prompt tokens + --max-new-tokens",
+        raise input_error(option, "prompt tokens + --max-new-tokens",
                           f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
     router = bundle_session(bundle, entry, "router", target, threads)
     feed = pad_batch(encode_role(bundle, "router", [prompt]))  # as verify's end-to-end row tokenizes for the router
@@ -102,6 +111,7 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
         extra = speculative_summary(session, ids, max_new_tokens, eos, result, f"cluster_{k}")
     return {
         "prompt": prompt,
+        **({"chat": True, "system": system} if chat else {}),
         "target": entry["target"]["name"],
         "cluster_id": k,
         "distances": [float(x) for x in distances[0]],
@@ -110,6 +120,7 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
         "text": tokenizer.decode(result.tokens, skip_special_tokens=True),
         "prefill_ms": round(result.prefill_ms, 3),
         "decode_ms_per_token": None if result.decode_ms_per_token is None else round(result.decode_ms_per_token, 3),
+        "decode_tokens_per_second": None if not result.decode_ms_per_token else round(1e3 / result.decode_ms_per_token, 2),
         **extra,
     }
 
