@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from edgecompile.errors import ParityError, input_error
-from edgecompile.inputs.lowbit import LowBitPlan, materialize, read_sidecar, resolve_plan, summarize_plan
+from edgecompile.inputs.lowbit import LowBitPlan, read_sidecar, summarize_plan
+from edgecompile.reference.lowbit_plan import materialize, resolve_plan
 from edgecompile.inputs.masks import ClusterMasks, MaskSet, load_masks
 from edgecompile.inputs.samples import Samples, load_samples
 from edgecompile.inputs.router import (

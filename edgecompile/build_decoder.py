@@ -90,7 +90,7 @@ def load_decoder_models(inputs: Any) -> DecoderModels:
 def lowbit_reference(inputs: Any, reference: Any, weights: dict[str, np.ndarray]):
     """Binary / ternary Linears (declared in edgecompile.json or detected): the reference gets the rules of
     reference/lowbit.py (codes * alpha, activation quantizers), the graph's weights the same codes * alpha."""
-    from edgecompile.inputs.lowbit import materialize, resolve_plan
+    from edgecompile.reference.lowbit_plan import materialize, resolve_plan
     from edgecompile.reference.lowbit import QuantizedLinears
 
     plan = resolve_plan(inputs.student, inputs.lowbit_sidecar, reference)

@@ -351,7 +351,7 @@ def _outcome(argv: list[str] | None) -> tuple[int, str | None]:
             return EXIT_ENVIRONMENT, f"error: no space left on device ({one_line(exc)})"
         words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
         if words[:1] and words[0] in BUNDLE_READERS:
-            from edgecompile.serve.runtime import onnxruntime_refused
+            from edgecompile.runtime.sessions import onnxruntime_refused
 
             if onnxruntime_refused(exc):  # our graphs take what the manifest says they take: this bundle's disagree
                 bundle = next((w for w in words[1:] if Path(w).is_dir()), "bundle")

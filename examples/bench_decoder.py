@@ -107,7 +107,7 @@ def router_ms(bundle: Path, rounds: int) -> float:
     from edgecompile.bundle.store import load_bundle
     from edgecompile.inputs.router import encode_role
     from edgecompile.lowering.targets import target_from_dict
-    from edgecompile.serve.runtime import create_session
+    from edgecompile.runtime.sessions import create_session
 
     reader = load_bundle(bundle)
     entry = reader.target("cpu")

@@ -36,7 +36,8 @@ def static_scales(model_dir: Path, texts: list[str]) -> dict[str, float]:
     """max|x| / 128 of every binarized Linear's input over calibration texts (binarized weights)."""
     import torch
 
-    from edgecompile.inputs.lowbit import LinearPlan, LowBitPlan, materialize
+    from edgecompile.inputs.lowbit import LinearPlan, LowBitPlan
+    from edgecompile.reference.lowbit_plan import materialize
     from edgecompile.inputs.student import load_student
     from edgecompile.reference.student import load_student_module
     from edgecompile.inputs.tokens import encode, load_tokenizer

@@ -106,7 +106,7 @@ def cluster_session(bundle: Path):
     """A one-thread session on the bundle's cpu cluster_0 graph, and the bundle."""
     from edgecompile.bundle.store import load_bundle
     from edgecompile.lowering.targets import target_from_dict
-    from edgecompile.serve.runtime import create_session
+    from edgecompile.runtime.sessions import create_session
 
     reader = load_bundle(bundle)
     entry = reader.target("cpu")
@@ -116,8 +116,8 @@ def cluster_session(bundle: Path):
 def measure(bundle: Path, baseline: Path, new_tokens: int, rounds: int) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from edgecompile.serve.generate import greedy
-    from edgecompile.serve.speculative import speculative_greedy
+    from edgecompile.runtime.decode import greedy
+    from edgecompile.runtime.speculative import speculative_greedy
 
     session, reader = cluster_session(bundle)
     plain_session, _ = cluster_session(baseline)

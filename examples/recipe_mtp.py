@@ -12,7 +12,7 @@
 4. Saved in the multi-token-prediction checkpoint contract (families/mtp.py), built with
    `edgecompile build` (every head's logits and the speculative path checked against transformers), and
    decoded from held-out prompts greedily and self-speculatively (the extra heads draft, head 0
-   verifies, serve/speculative.py): acceptance rate, tokens per forward pass, decode speed-up.
+   verifies, runtime/speculative.py): acceptance rate, tokens per forward pass, decode speed-up.
 
     python examples/recipe_mtp.py               # defaults (minutes on 2 cores)
     python examples/recipe_mtp.py --short       # seconds: checks the pipeline, figures meaningless
@@ -207,9 +207,9 @@ def speculative_figures(bundle: Path, prompts: list[list[int]], new_tokens: int,
     round-robin; tokens must be identical (else exit 3). Acceptance over all drafts; decode ms medians over rounds."""
     from edgecompile.bundle.store import load_bundle
     from edgecompile.lowering.targets import target_from_dict
-    from edgecompile.serve.generate import greedy
-    from edgecompile.serve.runtime import create_session
-    from edgecompile.serve.speculative import speculative_greedy
+    from edgecompile.runtime.decode import greedy
+    from edgecompile.runtime.sessions import create_session
+    from edgecompile.runtime.speculative import speculative_greedy
 
     loaded = load_bundle(bundle)
     entry = loaded.target(None)

@@ -37,7 +37,8 @@ from corpus import CORPUS_FILE, FAMILIES, load_corpus, split, spread  # noqa: E4
 from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, cycle_shuffled, length_batches,  # noqa: E402
                            minilm, phase, require, require_file, run_recipe, write_trivial_masks)
 
-from edgecompile.inputs.lowbit import materialize, read_sidecar, resolve_plan  # noqa: E402
+from edgecompile.inputs.lowbit import read_sidecar  # noqa: E402
+from edgecompile.reference.lowbit_plan import materialize, resolve_plan  # noqa: E402
 from edgecompile.inputs.student import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.lowbit import QuantizedLinears  # noqa: E402

@@ -19,7 +19,7 @@ from edgecompile.families.llama import LlamaDims, LlamaStructure, export_decoder
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.passes.pipeline import build_cluster_graph
 from edgecompile.reference.masks import ModelGates
-from edgecompile.serve.generate import empty_cache, greedy
+from edgecompile.runtime.decode import empty_cache, greedy
 
 TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 4, 4, 2, 128

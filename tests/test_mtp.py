@@ -1,4 +1,4 @@
-"""Multi-token-prediction heads (families/mtp.py) and self-speculative decoding (serve/speculative.py):
+"""Multi-token-prediction heads (families/mtp.py) and self-speculative decoding (runtime/speculative.py):
 every head's logits against transformers, speculative tokens identical to greedy at low and high acceptance."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from edgecompile.families.mtp import head_logits, load_extra_heads
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.passes.pipeline import build_cluster_graph
 from edgecompile.reference.masks import ModelGates
-from edgecompile.serve.generate import empty_cache, greedy
-from edgecompile.serve.speculative import speculative_greedy
+from edgecompile.runtime.decode import empty_cache, greedy
+from edgecompile.runtime.speculative import speculative_greedy
 
 LAYERS = 4
 EOS = frozenset([1])

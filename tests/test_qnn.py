@@ -94,7 +94,7 @@ def test_strict_placement_names_the_nodes_that_fell_off(st_student, router_encod
 def test_missing_plugin_names_the_install_command(st_student, router_encoder, masks, tmp_path, cli, monkeypatch):
     from dataclasses import replace
 
-    from edgecompile.serve import runtime
+    from edgecompile.runtime import sessions as runtime
 
     qnn = runtime.PLUGIN_EPS["QNNExecutionProvider"]
     monkeypatch.setitem(runtime.PLUGIN_EPS, "QNNExecutionProvider", replace(qnn, module="onnxruntime_qnn_not_installed"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgecompile.bundle.store import SCHEMA_VERSION, WEIGHTS, sha256_file
+from edgecompile.bundle.store import SCHEMA_VERSION, WEIGHTS
+from edgecompile.inputs.files import sha256_file
 
 
 def tool_versions() -> dict[str, str]:
@@ -148,7 +149,7 @@ def build_decoder_manifest(
     from edgecompile.families.llama import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
-    spec, masks, dims = inputs.student, inputs.masks, models.dims
+    masks, dims = inputs.masks, models.dims
     targets = list(target_entries)
 
     def with_files(entry: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +213,7 @@ def multi_token_prediction(dims: Any) -> dict[str, Any]:
         "trunk_layers": f"model.layers.0 .. model.layers.{last - 1} (run once per pass; every head reads their output)",
         "heads": heads,
         "kv_layout": "past_key_values.{kv_index}.key|value / present.{kv_index}.key|value, "
-                     f"[batch, kv_heads, sequence, head_dim] like the trunk's; extra heads are never pruned, head 0 "
+                     "[batch, kv_heads, sequence, head_dim] like the trunk's; extra heads are never pruned, head 0 "
                      "(layer L-1) is: a cluster that removes its attention has no KV at kv_index L-1, and every graph's "
                      "exact KV inputs are its own kv_cache entry",
         "speculative_decoding": "edgecompile run --speculative: feed the pending token and the extra heads' drafts in one "

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from edgecompile import interrupt
-from edgecompile.bundle.store import STAGING_MARKER, check_hashes, load_bundle, sha256_file
+from edgecompile.bundle.store import STAGING_MARKER, check_hashes, load_bundle
+from edgecompile.inputs.files import sha256_file
 from edgecompile.errors import EdgecompileError, EnvironmentProblem, InputError, is_disk_full
 
 MARKER_SCHEMA = "edgecompile-staging/1"

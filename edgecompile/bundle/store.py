@@ -34,6 +34,7 @@ from edgecompile.bundle.layout import (
     GRAPH_NAME, MANIFEST, WEIGHTS, epcontext_file, genai_folder, genai_overlay, graph_file,
 )
 from edgecompile.errors import BundleError, InputError
+from edgecompile.inputs.files import sha256_file
 
 SCHEMA_VERSION = "edgecompile-bundle/1"
 REFERENCE_OUTPUTS = "reference/outputs.safetensors"
@@ -123,14 +124,6 @@ def save_reference(root: Path, texts: tuple[str, ...], reference: dict[str, dict
         for i, array in enumerate(arrays)
     }
     save_file(tensors, str(root / REFERENCE_OUTPUTS))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _entries(root: Path) -> list[str]:

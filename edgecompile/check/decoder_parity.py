@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.check.generation import compare_tokens, first_difference, genai_greedy, genai_model
+from edgecompile.check.generation import compare_tokens, first_difference
+from edgecompile.runtime.genai import genai_greedy, genai_model
 from edgecompile.check.parity import TargetParity, compare, compare_router, is_near_tie, run_graph
-from edgecompile.serve.generate import empty_cache, greedy
-from edgecompile.serve.runtime import create_session
-from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
+from edgecompile.runtime.decode import empty_cache, greedy
+from edgecompile.runtime.sessions import create_session
+from edgecompile.runtime.speculative import extra_head_outputs, speculative_greedy
 
 
 def check_decoder_target(target: Any, paths: dict[str, Path], genai_folder: Path, reference: dict[str, Any],

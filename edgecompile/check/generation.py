@@ -1,7 +1,7 @@
 """Generation parity for decoders: greedy tokens from PyTorch (masks applied), onnxruntime and onnxruntime-genai.
 
 The reference is transformers' own model with the cluster's gates installed, decoding greedily with
-its KV cache; `edgecompile run`'s loop (serve/generate.py) and onnxruntime-genai's generator run the
+its KV cache; `edgecompile run`'s loop (runtime/decode.py) and onnxruntime-genai's generator run the
 shipped folder. All three stop after `max_new_tokens` or on an end-of-sequence token (kept).
 A build passes only when every sample's tokens are identical.
 """
@@ -9,12 +9,9 @@ A build passes only when every sample's tokens are identical.
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
-
 import numpy as np
 
 from edgecompile.check.parity import Comparison
-from edgecompile.errors import EnvironmentProblem, GraphLoadError, one_line
 
 
 TOP_K = 8  # reference logits kept per generated token, to judge where a quantized graph may diverge
@@ -48,38 +45,6 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int,
             out = model(torch.tensor([[token]]), **{cache_argument: cache}, use_cache=True)
             logits, cache = out.logits, out[cache_argument]
     return prefill, tokens, np.stack(top_values), np.stack(top_ids)
-
-
-def genai_model(folder: Path, graph: str):
-    """onnxruntime-genai's model for one graph of a decoder folder, loaded as an app loads it."""
-    from edgecompile.bundle.layout import genai_overlay
-
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise EnvironmentProblem("onnxruntime-genai is needed to check decoder bundles; install it with: "
-                                 "pip install onnxruntime-genai") from None
-    try:
-        config = og.Config(str(folder))
-        config.overlay(genai_overlay(graph))
-        return og.Model(config)
-    except Exception as exc:  # onnxruntime-genai raises RuntimeError for a folder or graph it cannot load
-        raise GraphLoadError(f"{folder}: onnxruntime-genai could not load {graph}.onnx ({one_line(exc)})") from None
-
-
-def genai_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """onnxruntime-genai's generator, greedy, on token ids."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False, min_length=0)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([prompt], np.int32))
-    tokens: list[int] = []
-    while not generator.is_done() and len(tokens) < max_new_tokens:
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
 
 
 def first_difference(ref: list[int], got: list[int]) -> int:

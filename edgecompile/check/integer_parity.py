@@ -29,7 +29,7 @@ from edgecompile.check.parity import Comparison, batches
 from edgecompile.passes.branch_edits import unit_features
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
 from edgecompile.reference.student import GRAPH_PREFIX
-from edgecompile.serve.runtime import session_options
+from edgecompile.runtime.sessions import session_options
 from edgecompile.lowering.targets import Target
 from edgecompile.inputs.tokens import Encoded
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgecompile.errors import input_error
 from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS, Outputs
-from edgecompile.serve.runtime import create_session
+from edgecompile.runtime.sessions import create_session
 from edgecompile.lowering.targets import Target
 from edgecompile.inputs.tokens import Encoded, pad_batch
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from edgecompile.check.placement import EXECUTED, PlacementReport, UnsupportedNodes
-from edgecompile.serve.runtime import configure, open_session, session_options
+from edgecompile.runtime.sessions import configure, open_session, session_options
 from edgecompile.lowering.targets import Target
 
 _LOG_LOCK = threading.Lock()  # the logger callback is process-wide

@@ -68,7 +68,7 @@ class RouterSpec:
 
     @property
     def sha256(self) -> str:
-        from edgecompile.bundle.store import sha256_file
+        from edgecompile.inputs.files import sha256_file
 
         return sha256_file(self.weights_file)
 

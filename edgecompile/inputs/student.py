@@ -20,6 +20,7 @@ DECODER_FAMILIES = ("llama",)  # model_type values compiled as decoder language 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja")
 WEIGHTS_FILE = "model.safetensors"
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens")  # sentence-transformers' that reference/pooling.py implements
 
 
 @dataclass(frozen=True)
@@ -229,8 +230,6 @@ def _pooling_mode(config_path: Path, config: Any) -> str:
         modes = [modes] if isinstance(modes, str) else list(modes)
     else:
         modes = [mode for key, mode in legacy.items() if config.get(key)]
-    from edgecompile.reference.pooling import POOLING_MODES
-
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise input_error(config_path, "pooling mode", f"exactly one of {', '.join(POOLING_MODES)}", modes or "none")
     return modes[0]

@@ -91,7 +91,7 @@ def build_target(
             raise placement_failure(target, [p for p in placements if not p.fully_placed])
     epcontext: dict[str, str] = {}
     if target.epcontext:
-        from edgecompile.lowering.epcontext import check_same_outputs, compile_epcontext
+        from edgecompile.runtime.epcontext import check_same_outputs, compile_epcontext
 
         with progress.step(f"compiling EPContext models for '{target.name}'"):
             for name in lowered:

@@ -5,7 +5,7 @@ $EDGECOMPILE_TARGETS_PATH (a file there cannot replace a shipped target: that is
 `load_target("path/to/my.toml")` reads that file. Every key is checked against SCHEMA: an unknown
 key or a wrong type is rejected naming the key. What a target does to the graphs is its
 `lowering.steps` list (names from lowering.STEPS), not code branches. A target file names no code:
-execution-provider plugins come from edgecompile's own list (serve/runtime.py), by provider name.
+execution-provider plugins come from edgecompile's own list (PLUGIN_EPS below), by provider name.
 
 A bundle records the target it was built for, but reading a bundle never trusts that record:
 `target_from_dict` looks the target up by name among this tool's targets (see its docstring).
@@ -24,8 +24,25 @@ from typing import Any
 
 from edgecompile.errors import InputError, input_error, one_line
 
+
+@dataclass(frozen=True)
+class PluginEP:
+    """An EP shipped as a plugin library by a Python package."""
+
+    module: str  # the package's import name
+    library: str  # its function returning the EP library's path
+    option_paths: tuple[tuple[str, str], ...]  # (provider option, its function returning a path)
+    install: str
+
+
+# The only modules reaching an EP may import, and the only functions it may call.
+PLUGIN_EPS: dict[str, PluginEP] = {
+    "QNNExecutionProvider": PluginEP("onnxruntime_qnn", "get_library_path", (("backend_path", "get_qnn_htp_path"),),
+                                     "pip install onnxruntime-qnn"),
+}
+
 REQUIRED = object()
-# Keys of earlier versions that named a module and functions to import and call: refused, see runtime.PLUGIN_EPS.
+# Keys of earlier versions that named a module and functions to import and call: refused, see PLUGIN_EPS.
 PLUGIN_KEYS = ("plugin_module", "plugin_library", "plugin_option_paths")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a target's name is also its folder in the bundle
 # section -> key -> (python type(s), default, allowed values or None)
@@ -168,8 +185,6 @@ def _validated(path: Path, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for name, item in items.items():
             dotted = f"{section}.{name}" if section else name
             if section == "provider" and name in PLUGIN_KEYS:
-                from edgecompile.serve.runtime import PLUGIN_EPS
-
                 raise input_error(path, f"key '{dotted}'", "no plugin keys: edgecompile loads execution-provider plugins "
                                   f"by provider name from its own list ({', '.join(PLUGIN_EPS)})", repr(item))
             if name not in SCHEMA[section]:

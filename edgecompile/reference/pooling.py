@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens")
+from edgecompile.inputs.student import POOLING_MODES
 
 
 def pool(token_embeddings: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 from edgecompile.bundle.store import MANIFEST, Bundle
 from edgecompile.errors import BundleError, input_error
 from edgecompile.lowering.targets import Target, target_from_dict
-from edgecompile.serve.runtime import bundle_session
+from edgecompile.runtime.sessions import bundle_session
 
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 1, 128
 

@@ -1,9 +1,9 @@
 """`edgecompile bench` for decoder bundles: prefill ms and decode ms per token of every graph, beside dense.
 
-Each graph decodes the same prompt greedily with onnxruntime (serve/generate.py, the loop `run`
+Each graph decodes the same prompt greedily with onnxruntime (runtime/decode.py, the loop `run`
 uses), round-robin (one generation of each graph per round) so a noisy machine's drifts hit every
 graph alike; medians over rounds. Graphs with multi-token-prediction heads also decode
-speculatively (serve/speculative.py): their row gives decode ms per generated token and the speed-up
+speculatively (runtime/speculative.py): their row gives decode ms per generated token and the speed-up
 against their own plain greedy decoding in the same rounds.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 from edgecompile.bundle.store import Bundle
 from edgecompile.errors import input_error
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.serve.generate import greedy
-from edgecompile.serve.runtime import bundle_session
-from edgecompile.serve.speculative import extra_head_outputs, speculative_greedy
+from edgecompile.runtime.decode import greedy
+from edgecompile.runtime.sessions import bundle_session
+from edgecompile.runtime.speculative import extra_head_outputs, speculative_greedy
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 from edgecompile.bundle.store import MANIFEST, Bundle
 from edgecompile.errors import BundleError
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.serve.runtime import bundle_session
+from edgecompile.runtime.sessions import bundle_session
 
 
 @dataclass

@@ -19,7 +19,7 @@ from edgecompile.errors import BundleError
 from edgecompile.inputs.router import encode_router, tokenization_from_manifest
 from edgecompile.inputs.tokens import pad_batch
 from edgecompile.lowering.targets import target_from_dict
-from edgecompile.serve.runtime import bundle_session
+from edgecompile.runtime.sessions import bundle_session
 
 
 def _feed(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

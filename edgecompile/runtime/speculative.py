@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from edgecompile.serve.generate import PAST, PRESENT, empty_cache
+from edgecompile.runtime.decode import PAST, PRESENT, empty_cache
 
 
 @dataclass

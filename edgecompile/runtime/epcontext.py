@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecompile.errors import EdgecompileError, ParityError, one_line
-from edgecompile.serve.runtime import configure, create_session, session_options
+from edgecompile.runtime.sessions import configure, create_session, session_options
 from edgecompile.lowering.targets import Target
 
 

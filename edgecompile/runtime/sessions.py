@@ -3,8 +3,8 @@
 Built-in EPs are requested by name. Plugin EPs (onnxruntime >= 1.24, e.g. the `onnxruntime-qnn`
 package) are registered once per process from the library their Python package names, then
 selected by device; their provider options may include paths the package computes (the QNN HTP
-backend library). Which package and which of its functions: PLUGIN_EPS, a fixed list in this file,
-keyed by provider name. Neither a target file nor a bundle can name a module to import or a
+backend library). Which package and which of its functions: PLUGIN_EPS, a fixed list kept with the
+target definitions (lowering/targets.py), keyed by provider name. Neither a target file nor a bundle can name a module to import or a
 function to call. A strict session disables CPU fallback, so onnxruntime itself refuses to run a
 graph with any node off the target EP.
 """
@@ -12,31 +12,14 @@ graph with any node off the target EP.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
 from edgecompile.errors import BundleError, EnvironmentProblem, GraphLoadError, one_line
-from edgecompile.lowering.targets import Target
+from edgecompile.lowering.targets import PLUGIN_EPS, PluginEP, Target
 
-
-@dataclass(frozen=True)
-class PluginEP:
-    """An EP shipped as a plugin library by a Python package."""
-
-    module: str  # the package's import name
-    library: str  # its function returning the EP library's path
-    option_paths: tuple[tuple[str, str], ...]  # (provider option, its function returning a path)
-    install: str
-
-
-# The only modules reaching an EP may import, and the only functions it may call.
-PLUGIN_EPS: dict[str, PluginEP] = {
-    "QNNExecutionProvider": PluginEP("onnxruntime_qnn", "get_library_path", (("backend_path", "get_qnn_htp_path"),),
-                                     "pip install onnxruntime-qnn"),
-}
 
 _REGISTERED: set[str] = set()
 
