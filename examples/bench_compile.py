@@ -33,8 +33,8 @@ def minilm() -> Path:
 def time_export(model: Path, repeats: int = 3) -> float:
     """Median wall time of one dense export (what every extra full export would cost)."""
     from edgecompile.families.bert import export_student
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     student = load_student_module(load_student(model))
     times = []

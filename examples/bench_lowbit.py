@@ -38,8 +38,8 @@ def static_scales(model_dir: Path, texts: list[str]) -> dict[str, float]:
 
     from edgecompile.inputs.lowbit import LinearPlan, LowBitPlan
     from edgecompile.reference.lowbit_plan import materialize
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
     from edgecompile.inputs.tokens import encode, load_tokenizer
 
     spec = load_student(model_dir)

@@ -26,9 +26,11 @@ def embed(encoder_dir: Path, texts: list[str], layers: int | None = None) -> np.
     """Sentence embeddings exactly as the router graph computes them (the PyTorch reference)."""
     import torch
 
-    from edgecompile.inputs.router import STATIC_MAX_TOKENS, encode_router, load_router, load_router_tokenizer
+    from edgecompile.inputs.router import STATIC_MAX_TOKENS, encode_router, load_router_tokenizer
+
+    from edgecompile.families.router import load_router
     from edgecompile.reference.router import TransformerSentenceEncoder, load_static_encoder
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families.bert_model import load_student_module
 
     spec = load_router(encoder_dir, layers)
     if spec.kind == "static":
@@ -87,7 +89,9 @@ def fit(full_dir: Path, cheap_dir: Path, cheap_layers: int | None, texts: list[s
 def write_masks(out: Path, centroids: np.ndarray, router_dir: Path, layers: int | None, gates: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    from edgecompile.inputs.router import load_router, router_metadata
+    from edgecompile.inputs.router import router_metadata
+
+    from edgecompile.families.router import load_router
 
     metadata = {"format": "edgecompile-masks/1", "router.metric": "l2", **router_metadata(load_router(router_dir, layers))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +104,8 @@ def example_gates(student_dir: Path, clusters: int) -> dict[str, np.ndarray]:
     sys.path.insert(0, str(HERE))
     from make_example_masks import cluster_gates
 
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     bert = load_student_module(load_student(student_dir)).bert
     return {f"cluster.{k}.{g}": a for k in range(clusters) for g, a in cluster_gates(k, bert).items()}

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from edgecompile.inputs.student import load_student
+from edgecompile.families import load_student
 from edgecompile.reference.evaluate import student_outputs
-from edgecompile.reference.student import load_student_module
+from edgecompile.families.bert_model import load_student_module
 from edgecompile.inputs.tokens import encode, load_tokenizer
 
 HERE = Path(__file__).parent

@@ -42,13 +42,14 @@ from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_fl
 from fit_router_centroids import distill_static_router, embed, nearest  # noqa: E402
 
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
-from edgecompile.inputs.router import load_router, router_metadata  # noqa: E402
-from edgecompile.inputs.student import load_student  # noqa: E402
+from edgecompile.inputs.router import router_metadata  # noqa: E402
+from edgecompile.families.router import load_router  # noqa: E402
+from edgecompile.families import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
 from edgecompile.families.bert import bert_gates  # noqa: E402
 from edgecompile.reference.masks import ModelGates  # noqa: E402
-from edgecompile.reference.student import load_student_module  # noqa: E402
+from edgecompile.families.bert_model import load_student_module  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):

@@ -35,14 +35,14 @@ from mask_training import add_mask_arguments, check_mask_arguments, layout, trai
 from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, edgecompile, length_batches, minilm,  # noqa: E402
                            phase, require, require_dir, require_file, run_recipe, sentence_embeddings)
 
-from edgecompile.families.llama import gated_linears, load_reference  # noqa: E402
+from edgecompile.families.llama import Llama  # noqa: E402
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
-from edgecompile.inputs.student import load_student  # noqa: E402
+from edgecompile.families import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.gate_training import set_block_gates  # noqa: E402
 from edgecompile.reference.masks import ModelGates  # noqa: E402
 from edgecompile.reference.router import RouterModule  # noqa: E402
-from edgecompile.reference.student import load_student_module  # noqa: E402
+from edgecompile.families.bert_model import load_student_module  # noqa: E402
 
 
 def parse_args(argv: list[str] | None):
@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"KMeans: K = {args.clusters}; calibration texts per cluster {np.bincount(train_cluster, minlength=args.clusters).tolist()}, "
           f"held-out texts routed per cluster {np.bincount(held_cluster, minlength=args.clusters).tolist()}")
 
-    model = load_reference(args.student)
+    model = Llama.load_reference(args.student)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     tokenizer = load_tokenizer(args.student)
     layers = model.config.num_hidden_layers
     kept = round((1.0 - args.sparsity) * 2 * layers)
-    gates = ModelGates(gated_linears(model), model.config.hidden_size // model.config.num_attention_heads)
+    gates = Llama.gates(model, Llama.dims(model.config.to_dict()))
     train_batches = lm_batches(tokenizer, train_texts, args.batch_size, args.max_length)
     held_batches = lm_batches(tokenizer, held_texts, args.batch_size, args.max_length)
 

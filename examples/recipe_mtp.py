@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     router_dir = args.router_encoder or minilm()
-    from edgecompile.inputs.student import load_student
+    from edgecompile.families import load_student
 
     router_spec = load_student(router_dir)
     require(router_spec.family == "sentence-transformers", f"{router_dir}", "a sentence-transformers folder (the router encoder)",

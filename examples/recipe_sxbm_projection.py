@@ -39,11 +39,12 @@ from recipe_common import (HERE, OUT, RecipeParser, build_bundle, length_batches
                            require, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.inputs.masks import load_masks  # noqa: E402
-from edgecompile.inputs.router import check_masks_router, load_router  # noqa: E402
-from edgecompile.inputs.student import load_student  # noqa: E402
+from edgecompile.inputs.router import check_masks_router  # noqa: E402
+from edgecompile.families.router import load_router  # noqa: E402
+from edgecompile.families import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.router import RouterModule  # noqa: E402
-from edgecompile.reference.student import load_student_module  # noqa: E402
+from edgecompile.families.bert_model import load_student_module  # noqa: E402
 
 LEARNED_MASKS = HERE / "masks" / "minilm_ig_pruning_k4.safetensors"
 

@@ -39,11 +39,11 @@ from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, cycle_shu
 
 from edgecompile.inputs.lowbit import read_sidecar  # noqa: E402
 from edgecompile.reference.lowbit_plan import materialize, resolve_plan  # noqa: E402
-from edgecompile.inputs.student import load_student  # noqa: E402
+from edgecompile.families import load_student  # noqa: E402
 from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.lowbit import QuantizedLinears  # noqa: E402
 from edgecompile.reference.lowbit_training import LowBitTraining  # noqa: E402
-from edgecompile.reference.student import load_student_module  # noqa: E402
+from edgecompile.families.bert_model import load_student_module  # noqa: E402
 
 # Every encoder Linear (attention Q/K/V and output, FFN in and out); pooler and classifier stay fp32.
 LINEARS = ["bert.encoder.layer.*.attention.self.*", "bert.encoder.layer.*.attention.output.dense",

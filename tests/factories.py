@@ -177,8 +177,20 @@ def write_bpe_tokenizer(directory: Path, vocab_size: int = 320, chat_template: s
     return len(fast)
 
 
-def make_llama(
+# Per decoder family: transformers' config and model classes, and what its tiny test model sets beyond the shared sizes.
+DECODER_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # q width 128 != hidden 64: head_dim is its own
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 32, "query_pre_attn_scalar": 24, "sliding_window": 6, "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]}),
+}
+
+
+def make_decoder(
     directory: Path,
+    family: str = "llama",
     *,
     layers: int = 4,
     hidden: int = 64,
@@ -193,19 +205,23 @@ def make_llama(
     config_overrides: dict | None = None,
     chat_template: str | None = None,
 ) -> Path:
-    """A tiny random-weight LlamaForCausalLM (grouped-query attention) with a BPE tokenizer, saved by transformers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny random-weight causal LM of a decoder family (grouped-query attention) with a BPE tokenizer, saved by
+    transformers, its config made by transformers' own config class for the family."""
+    import transformers
 
+    config_class, model_class, extra = DECODER_FAMILIES[family]
     directory = Path(directory)
     vocab_size = write_bpe_tokenizer(directory, chat_template=chat_template)
+    if family != "llama":  # as real checkpoints pad theirs; transformers' Qwen2 tokenizer class adds <|endoftext|> here
+        vocab_size += 16
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=tied,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=tied, **extra,
     )
+    if "layer_types" in kwargs:
+        kwargs["layer_types"] = (kwargs["layer_types"] * layers)[:layers]
     if rope is not None:
-        import transformers
-
         if int(transformers.__version__.split(".")[0]) >= 5:
             kwargs["rope_parameters"] = rope
         else:
@@ -214,11 +230,16 @@ def make_llama(
             kwargs["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
     kwargs.update(config_overrides or {})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
     if not fresh_init:
         _randomize(model, seed)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def make_llama(directory: Path, **kwargs) -> Path:
+    """A tiny random-weight LlamaForCausalLM (grouped-query attention) with a BPE tokenizer, saved by transformers."""
+    return make_decoder(directory, "llama", **kwargs)
 
 
 def make_model2vec(directory: Path, source: Path, quantize_to: str = "float32") -> Path:

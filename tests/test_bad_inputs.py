@@ -95,7 +95,7 @@ def test_bad_mask_tensor(build, masks_file, tensor, value, needles):
 
 def test_hard_concrete_masks_accept_any_finite_log_alpha(masks_file, st_student):
     from edgecompile.inputs.masks import load_masks
-    from edgecompile.inputs.student import load_student
+    from edgecompile.families import load_student
 
     log_alpha = np.array([[-5.0, 5.0], [0.0, -0.5]], np.float32)
     path = masks_file({0: {"blocks": log_alpha}}, kind="hard_concrete_log_alpha")

@@ -106,10 +106,10 @@ def test_run_matches_the_reference_router_and_cluster(bundle, st_student, router
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.infer import route_and_run
     from edgecompile.inputs.masks import load_masks
-    from edgecompile.inputs.student import load_student
+    from edgecompile.families import load_student
     from edgecompile.families.bert import bert_gates
     from edgecompile.reference.router import RouterModule
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families.bert_model import load_student_module
     from edgecompile.inputs.tokens import load_tokenizer
 
     text = "Please schedule a meeting with the design team"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
@@ -15,10 +16,9 @@ import torch
 
 from factories import make_bert, make_llama, write_masks
 from test_bad_inputs import assert_one_line_error
-from edgecompile.families.llama import LlamaDims, LlamaStructure, export_decoder, gated_linears, load_reference, load_weights
+from edgecompile.families.llama import Llama
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.passes.pipeline import build_cluster_graph
-from edgecompile.reference.masks import ModelGates
 from edgecompile.runtime.decode import empty_cache, greedy
 
 TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
@@ -44,8 +44,8 @@ def prompts_file(tmp_path_factory):
 
 
 def loaded(path):
-    dims = LlamaDims.from_config(json.loads((path / "config.json").read_text()))
-    return dims, load_weights(path / "model.safetensors", dims), load_reference(path)
+    dims = Llama.dims(json.loads((path / "config.json").read_text()))
+    return dims, Llama.load_weights(path / "model.safetensors", dims), Llama.load_reference(path)
 
 
 def session_of(model: ir.Model) -> ort.InferenceSession:
@@ -77,7 +77,7 @@ def cluster(blocks=None, heads=None, neurons=None, index=0) -> ClusterMasks:
 def test_dense_graph_matches_transformers_prefill_and_greedy(models_dir, variant):
     path = make_llama(models_dir / f"llama_{variant}", seed=7, tied=variant == "tied", fresh_init=variant == "fresh_init")
     dims, weights, model = loaded(path)
-    session = session_of(export_decoder(weights, dims))
+    session = session_of(Llama.export(weights, dims))
     ids = [0, 17, 45, 99, 120, 7, 3, 50]
     assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
     with torch.no_grad():
@@ -116,8 +116,8 @@ CASES = {
 def test_cluster_rewrites_match_the_gated_reference(llama, case):
     masks = CASES[case]
     dims, weights, model = loaded(llama)
-    graph = build_cluster_graph(export_decoder(weights, dims), LlamaStructure(dims.layers, dims.head_dim), masks)
-    gates = ModelGates(gated_linears(model), dims.head_dim)
+    graph = build_cluster_graph(Llama.export(weights, dims), Llama.structure(dims), masks)
+    gates = Llama.gates(model, dims)
     gates.set(masks)
     ids = [0, 9, 33, 120, 201, 14, 77]
     assert relative_error(prefill(session_of(graph), ids), reference_logits(model, ids)) < 1e-5
@@ -133,7 +133,7 @@ def test_cluster_rewrites_match_the_gated_reference(llama, case):
 
 def test_removed_branches_take_their_norms_and_projections(llama):
     dims, weights, _ = loaded(llama)
-    graph = build_cluster_graph(export_decoder(weights, dims), LlamaStructure(dims.layers, dims.head_dim),
+    graph = build_cluster_graph(Llama.export(weights, dims), Llama.structure(dims),
                                 cluster(blocks=[[0, 1], [1, 0], [1, 1], [1, 1]]))
     names = {n.name for n in graph.graph}
     assert not any(n.startswith("/model/layers.0/input_layernorm") or n.startswith("/model/layers.0/self_attn") for n in names)
@@ -303,10 +303,10 @@ def test_run_speculative_without_extra_heads_fails_in_one_line(decoder_bundle, c
 
 
 def test_parity_gate_fails_a_decoder_whose_rope_is_wrong(llama, llama_router, prompts_file, tmp_path, cli, monkeypatch):
-    import edgecompile.families.llama as family
+    import edgecompile.families.decoder as family
 
     original = family.inverse_frequencies
-    monkeypatch.setattr(family, "inverse_frequencies", lambda dims: original(dims) * np.float32(1.02))
+    monkeypatch.setattr(family, "inverse_frequencies", lambda rope, head_dim: original(rope, head_dim) * np.float32(1.02))
     masks = write_masks(tmp_path / "m.safetensors", {0: {"blocks": np.ones((LAYERS, 2))}},
                         np.random.default_rng(0).standard_normal((1, 24)).astype(np.float32))
     code, _, stderr = cli("build", llama, "--masks", masks, "--router-encoder", llama_router, "--samples", prompts_file,
@@ -354,7 +354,7 @@ def test_llama3_rope_saved_by_transformers_5_matches_transformers(models_dir):
     path = make_llama(models_dir / "llama3_rope", seed=8, rope=rope, max_positions=256)
     assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
     dims, weights, model = loaded(path)
-    session = session_of(export_decoder(weights, dims))
+    session = session_of(Llama.export(weights, dims))
     ids = list(range(3, 203))  # positions past original_max_position_embeddings, where llama3 scaling differs
     assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
 
@@ -399,11 +399,11 @@ def test_llama3_rope_scaling_as_hub_configs_store_it_matches_transformers(models
     (path / "config.json").write_text(json.dumps(config))
     dims, weights, model = loaded(path)
     assert dims.rope["rope_type"] == "llama3" and dims.rope["rope_theta"] == 500000.0
-    session = session_of(export_decoder(weights, dims))
+    session = session_of(Llama.export(weights, dims))
     ids = list(range(3, 203))  # positions past original_max_position_embeddings, where llama3 scaling differs
     assert relative_error(prefill(session, ids), reference_logits(model, ids)) < 1e-5
-    plain = LlamaDims(**{**dims.__dict__, "rope": {"rope_type": "default", "rope_theta": 500000.0}})
-    assert relative_error(prefill(session_of(export_decoder(weights, plain)), ids), reference_logits(model, ids)) > 1e-3
+    plain = replace(dims, layer_ropes=({"rope_type": "default", "rope_theta": 500000.0},))
+    assert relative_error(prefill(session_of(Llama.export(weights, plain)), ids), reference_logits(model, ids)) > 1e-3
 
 
 @pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 reads rope_parameters")

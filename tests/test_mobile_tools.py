@@ -38,8 +38,8 @@ def _fix_shapes(src: Path, dst: Path, batch: int, seq: int) -> None:
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory) -> SimpleNamespace:
     from edgecompile.families.bert import export_student
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     root = tmp_path_factory.mktemp("mobile")
     student = make_bert(root / "student", family="bert", seed=7)

@@ -12,11 +12,10 @@ import pytest
 
 from factories import add_mtp_heads, make_bert, make_llama, write_masks
 from test_bad_inputs import assert_one_line_error
-from edgecompile.families.llama import LlamaDims, LlamaStructure, export_decoder, gated_linears, load_reference, load_weights
+from edgecompile.families.llama import Llama
 from edgecompile.families.mtp import head_logits, load_extra_heads
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.passes.pipeline import build_cluster_graph
-from edgecompile.reference.masks import ModelGates
 from edgecompile.runtime.decode import empty_cache, greedy
 from edgecompile.runtime.speculative import speculative_greedy
 
@@ -37,11 +36,11 @@ def mtp_models(tmp_path_factory):
 
 
 def session_for(path, masks: ClusterMasks | None = None):
-    dims = LlamaDims.from_config(json.loads((path / "config.json").read_text()))
-    weights = load_weights(path / "model.safetensors", dims)
-    graph = export_decoder(weights, dims)
+    dims = Llama.dims(json.loads((path / "config.json").read_text()))
+    weights = Llama.load_weights(path / "model.safetensors", dims)
+    graph = Llama.export(weights, dims)
     if masks is not None:
-        graph = build_cluster_graph(graph, LlamaStructure(dims.layers, dims.head_dim), masks)
+        graph = build_cluster_graph(graph, Llama.structure(dims), masks)
     session = ort.InferenceSession(ir.to_proto(graph).SerializeToString(), providers=["CPUExecutionProvider"])
     return dims, weights, graph, session
 
@@ -59,10 +58,10 @@ HALF = ClusterMasks(0, np.array([[1, 0], [0, 1], [1, 1], [1, 0]], np.float32), n
                                           ("one_layer_n3", None)], ids=["n2-dense", "n2-cluster", "n4-dense", "n4-cluster", "one_layer"])
 def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, masks):
     dims, weights, graph, session = session_for(mtp_models[model], masks)
-    reference = load_reference(mtp_models[model])
+    reference = Llama.load_reference(mtp_models[model])
     if masks is not None:
-        ModelGates(gated_linears(reference), dims.head_dim).set(masks)
-    expected = head_logits(reference, load_extra_heads(reference, weights, dims.extra_heads), prompts(1)[0])
+        Llama.gates(reference, dims).set(masks)
+    expected = head_logits(reference, load_extra_heads(Llama, reference, weights, dims.extra_heads), prompts(1)[0])
     x = np.array([prompts(1)[0]], np.int64)
     names = ["logits"] + [f"logits_{j + 1}" for j in range(dims.extra_heads)]
     got = session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from factories import make_llama
-from edgecompile.families.llama import LlamaDims, load_reference, load_weights
+from edgecompile.families.llama import Llama
 from edgecompile.families.mtp import head_logits, load_extra_heads
 from edgecompile.reference.mtp_training import MultiTokenLlama
 from edgecompile.reference.tensor_memory import PeakTensorMemory
@@ -91,11 +91,11 @@ def test_saved_checkpoint_is_the_mtp_contract_and_its_reference_computes_the_tra
     out = model.save(tmp_path / "mtp")
     config = json.loads((out / "config.json").read_text())
     assert config["n_future_tokens"] == 2
-    dims = LlamaDims.from_config(config)
-    weights = load_weights(out / "model.safetensors", dims)  # the build's reader: no tensor missing or unexpected
-    reference = load_reference(out)
+    dims = Llama.dims(config)
+    weights = Llama.load_weights(out / "model.safetensors", dims)  # the build's reader: no tensor missing or unexpected
+    reference = Llama.load_reference(out)
     prompt = [0, 17, 93, 5, 44, 201, 8]
-    expected = head_logits(reference, load_extra_heads(reference, weights, dims.extra_heads), prompt)
+    expected = head_logits(reference, load_extra_heads(Llama, reference, weights, dims.extra_heads), prompt)
     with torch.no_grad():
         trunk, context = model.trunk(torch.tensor([prompt]))
         trained = [model.head_logits(j, trunk, context)[0].numpy() for j in range(2)]

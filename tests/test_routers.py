@@ -49,7 +49,9 @@ def l2_distances(embeddings: np.ndarray, cents: np.ndarray) -> np.ndarray:
 def test_static_router_matches_model2vec_encode(model2vec_router):
     from model2vec import StaticModel
 
-    from edgecompile.inputs.router import encode_router, load_router, load_router_tokenizer
+    from edgecompile.inputs.router import encode_router, load_router_tokenizer
+
+    from edgecompile.families.router import load_router
     from edgecompile.reference.router import RouterModule, load_static_encoder
 
     spec = load_router(model2vec_router)
@@ -90,9 +92,11 @@ def test_truncated_router_matches_sentence_transformers_truncation(router_encode
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from edgecompile.inputs.router import encode_router, load_router, load_router_tokenizer
+    from edgecompile.inputs.router import encode_router, load_router_tokenizer
+
+    from edgecompile.families.router import load_router
     from edgecompile.reference.router import RouterModule, TransformerSentenceEncoder
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families.bert_model import load_student_module
 
     spec = load_router(router_encoder, layers=1)
     peer = SentenceTransformer(str(router_encoder), device="cpu")
@@ -110,7 +114,8 @@ def test_truncated_router_matches_sentence_transformers_truncation(router_encode
 
 
 def test_build_run_verify_with_a_model2vec_router(cli, tmp_path, st_student, model2vec_router):
-    from edgecompile.inputs.router import load_router, router_metadata
+    from edgecompile.inputs.router import router_metadata
+    from edgecompile.families.router import load_router
 
     spec = load_router(model2vec_router)
     masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3, dim=spec.embedding_dim),
@@ -134,7 +139,8 @@ def test_build_run_verify_with_a_model2vec_router(cli, tmp_path, st_student, mod
 
 
 def test_masks_fitted_for_another_router_is_one_line(cli, tmp_path, st_student, router_encoder):
-    from edgecompile.inputs.router import load_router, router_metadata
+    from edgecompile.inputs.router import router_metadata
+    from edgecompile.families.router import load_router
 
     fitted_for = router_metadata(load_router(router_encoder))  # the full encoder
     masks = write_masks(tmp_path / "m.safetensors", CLUSTERS, centroids(3),
@@ -178,7 +184,7 @@ def test_bench_routed_over_given_samples_agrees_with_the_router(cli, tmp_path, s
 
 
 def test_compare_routers_reports_cost_and_agreement(cli, tmp_path, st_student, router_encoder, model2vec_router):
-    from edgecompile.inputs.router import load_router
+    from edgecompile.families.router import load_router
 
     full_masks = write_masks(tmp_path / "full.safetensors", CLUSTERS, centroids(3))
     static_dim = load_router(model2vec_router).embedding_dim

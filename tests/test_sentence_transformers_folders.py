@@ -18,17 +18,17 @@ import pytest
 from conftest import centroids
 from edgecompile.errors import InputError
 from edgecompile.inputs.compat import sentence_transformers_major
-from edgecompile.inputs.student import load_student
+from edgecompile.families import load_student
 from st_folders import MAX_SEQ_LENGTH, TEXTS, checked_in_folder, save_with_sentence_transformers
 from test_bad_inputs import assert_one_line_error
 
 
 def reference_sentence_embeddings(folder: Path) -> np.ndarray:
     """edgecompile's PyTorch reference, tokenized and truncated the way the build does."""
-    from edgecompile.build import _max_length
+    from edgecompile.build.router import max_length as _max_length
     from edgecompile.inputs.tokens import encode, load_tokenizer
     from edgecompile.reference.evaluate import student_outputs
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families.bert_model import load_student_module
 
     spec = load_student(folder)
     tokenizer = load_tokenizer(spec.transformer_dir)

@@ -113,8 +113,8 @@ def test_stored_position_ids_are_not_unexpected(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     student = make_bert(tmp_path / "old", family="bert", seed=33)
     tensors = load_file(str(student / "model.safetensors"))

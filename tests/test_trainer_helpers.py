@@ -62,8 +62,8 @@ def test_l0_augmented_lagrangian_drives_the_expected_kept_fraction_to_the_target
 
 
 def test_differentiable_block_gates_compute_what_the_oracle_computes_with_the_same_constants(st_student):
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     student = load_student_module(load_student(st_student))
     gates = bert_gates(student.bert)
@@ -102,8 +102,8 @@ def test_quantization_aware_linear_matches_quantlinear_and_passes_gradients_stra
 
 
 def test_low_bit_training_wraps_matching_modules_and_remove_restores_them(seqcls_student):
-    from edgecompile.inputs.student import load_student
-    from edgecompile.reference.student import load_student_module
+    from edgecompile.families import load_student
+    from edgecompile.families.bert_model import load_student_module
 
     model = load_student_module(load_student(seqcls_student)).model
     before = {n: type(m) for n, m in model.named_modules()}

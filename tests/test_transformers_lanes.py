@@ -13,8 +13,8 @@ import torch
 from conftest import HEADS, LAYERS, gates
 from edgecompile.errors import InputError
 from edgecompile.inputs.compat import transformers_major, transformers_release
-from edgecompile.inputs.student import load_student
-from edgecompile.reference.student import load_student_module
+from edgecompile.families import load_student
+from edgecompile.families.bert_model import load_student_module
 from test_bad_inputs import assert_one_line_error
 
 IDS = torch.tensor([[2, 40, 41, 42, 43, 3, 0, 0], [2, 50, 51, 52, 53, 54, 55, 3]])

@@ -32,8 +32,8 @@ from edgecompile.errors import BundleError, one_line
 
 PAST_KEY = re.compile(r"past_key_values\.(0|[1-9][0-9]*)\.key")
 # The manifest's student keys genai_config() reads: the whole of what the file may say comes from them.
-GENAI_KEYS = ("layers", "heads", "kv_heads", "head_size", "hidden_size", "max_seq_length", "vocab_size", "eos_token_ids",
-              "bos_token_id", "pad_token_id")
+GENAI_KEYS = ("genai_model_type", "layers", "heads", "kv_heads", "head_size", "hidden_size", "max_seq_length", "vocab_size",
+              "eos_token_ids", "bos_token_id", "pad_token_id")
 
 
 def write_decoder_folder(folder: Path, graphs: dict[str, ir.Model], tokenizer_files: list[Path],
@@ -75,7 +75,7 @@ def genai_config(student: dict[str, Any]) -> dict[str, Any]:
         },
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": pad if pad is not None else (eos[0] if eos else None),
-        "type": "llama",
+        "type": student["genai_model_type"],
         "vocab_size": student["vocab_size"],
     }
     return {

@@ -39,20 +39,14 @@ def _router_encoder(router: Any) -> dict[str, Any]:
     return {"pooling": router.encoder.pooling_mode, "normalize": router.encoder.normalize, "layers": router.layers}
 
 
-def build_manifest(
-    inputs: Any,
-    models: Any,
-    compiled: Any,
-    target_entries: dict[str, dict[str, Any]],
-    graph_bytes: dict[str, dict[str, int]],
-    files: dict[str, dict[str, Any]],
-    tokenizers: dict[str, str],
-    reference: dict[str, str],
-) -> dict[str, Any]:
+def build_manifest(inputs: Any, models: Any, compiled: Any, written: Any) -> dict[str, Any]:
+    """An encoder bundle's manifest (`written`: build/publish.Written)."""
     from edgecompile.families.bert import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
     spec, masks = inputs.student, inputs.masks
+    target_entries, graph_bytes, files = written.target_entries, written.graph_bytes, written.files
+    tokenizers, reference = written.tokenizers, written.reference
     targets = list(target_entries)
     def lowbit(graph: str) -> dict[str, Any]:
         reports = {t: target_entries[t]["lowering"][graph]["lowbit"] for t in targets
@@ -79,12 +73,12 @@ def build_manifest(
             "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
             "outputs": list(models.student.output_names),
             **({"pooling": spec.pooling_mode, "normalize": spec.normalize} if spec.family == "sentence-transformers" else {}),
-            "max_seq_length": models.student_max_length,
+            "max_seq_length": models.max_length,
             "vocab_size": int(spec.config["vocab_size"]),
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": router_manifest(inputs, models.router_max_length, tokenizers["router"], compiled.router_entry, graph_bytes),
+        "router": router_manifest(inputs, models.router.max_length, tokenizers["router"], compiled.router_entry, graph_bytes),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"]},
         "dense": dense,
@@ -97,7 +91,7 @@ def build_manifest(
 
 def pruned_heads_entry(config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint saved after prune_heads lacks these heads (original ids) in every graph, whatever the masks say."""
-    from edgecompile.families.bert import parse_pruned_heads
+    from edgecompile.families.bert_model import parse_pruned_heads
 
     pruned = parse_pruned_heads(config.get("pruned_heads"))
     return {"pruned_heads": {str(layer): list(heads) for layer, heads in sorted(pruned.items())}} if pruned else {}
@@ -132,24 +126,15 @@ def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, An
     }
 
 
-def build_decoder_manifest(
-    inputs: Any,
-    models: Any,
-    entries: list[dict[str, Any]],
-    router: dict[str, Any],
-    target_entries: dict[str, dict[str, Any]],
-    graph_bytes: dict[str, dict[str, int]],
-    files: dict[str, dict[str, Any]],
-    tokenizers: dict[str, str],
-    reference: dict[str, str],
-    new_tokens: int,
-    student: dict[str, Any],
-) -> dict[str, Any]:
+def build_decoder_manifest(inputs: Any, models: Any, entries: list[dict[str, Any]], router: dict[str, Any], written: Any,
+                           new_tokens: int, student: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a decoder bundle: as an encoder's, plus per graph its KV cache and onnxruntime-genai folder."""
-    from edgecompile.families.llama import OPSET
+    from edgecompile.families.decoder import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
     masks, dims = inputs.masks, models.dims
+    target_entries, graph_bytes, files = written.target_entries, written.graph_bytes, written.files
+    tokenizers, reference = written.tokenizers, written.reference
     targets = list(target_entries)
 
     def with_files(entry: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +151,7 @@ def build_decoder_manifest(
             "tokenizer": tokenizers["student"],
             "precision": describe_plan(models.lowbit),
         },
-        "router": router_manifest(inputs, models.router_max_length, tokenizers["router"], router, graph_bytes),
+        "router": router_manifest(inputs, models.router.max_length, tokenizers["router"], router, graph_bytes),
         "masks": {"name": Path(masks.path).name, "sha256": sha256_file(masks.path), "kind": masks.kind},
         "samples": {"count": len(inputs.samples.texts), "source": Path(inputs.samples.source).name, "file": reference["samples"],
                     "chat": inputs.samples.chat},
@@ -180,7 +165,7 @@ def build_decoder_manifest(
     }
 
 
-def decoder_student(spec: Any, dims: Any, eos: frozenset[int]) -> dict[str, Any]:
+def decoder_student(spec: Any, family: Any, dims: Any, eos: frozenset[int]) -> dict[str, Any]:
     """The manifest's student section of a decoder, but its tokenizer and precision: all onnxruntime-genai's
     config is made from (bundle/decoder_folders.genai_config), at build time and again by `verify`."""
     return {
@@ -188,6 +173,7 @@ def decoder_student(spec: Any, dims: Any, eos: frozenset[int]) -> dict[str, Any]
         "family": spec.family,
         "architecture": spec.architecture,
         "task": "causal-lm",
+        "genai_model_type": family.genai_type,
         "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
         "layers": dims.layers, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_size": dims.head_dim,
         "hidden_size": dims.hidden, "intermediate_size": dims.intermediate,

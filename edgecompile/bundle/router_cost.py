@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.bundle.accounting import macs_per_token
+from edgecompile.families.bert import macs_per_token
 from edgecompile.inputs.masks import MaskSet
 from edgecompile.inputs.router import RouterSpec
 

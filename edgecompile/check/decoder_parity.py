@@ -9,6 +9,7 @@ end-to-end row decodes each prompt with the cluster the ONNX router picked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,37 @@ from edgecompile.runtime.sessions import create_session
 from edgecompile.runtime.speculative import extra_head_outputs, speculative_greedy
 
 
-def check_decoder_target(target: Any, paths: dict[str, Path], genai_folder: Path, reference: dict[str, Any],
-                         prompts: list[list[int]], router_samples: list, eos: frozenset[int], new_tokens: int, threads: int = 0,
-                         progress=None, speculation: dict[str, dict[str, float]] | None = None,
-                         lowbit_graphs: frozenset[str] = frozenset()) -> TargetParity:
-    """Parity of one decoder target folder, on exactly the files that ship: `paths` maps each graph to its file
-    (bundle/layout.py), `genai_folder` is the onnxruntime-genai folder holding the decoder graphs.
+@dataclass(frozen=True)
+class DecoderFiles:
+    """One decoder target's files as they ship: each graph's file (bundle/layout.py), the onnxruntime-genai folder,
+    and the graphs whose activations are quantized (checked with the low-bit contract)."""
+
+    paths: dict[str, Path]
+    genai_folder: Path
+    lowbit_graphs: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class DecoderSamples:
+    """What decoder parity runs on and compares with, at build time and in `verify` alike."""
+
+    reference: dict[str, Any]  # graph -> output -> one array per prompt (build_decoder's reference_outputs)
+    prompts: list[list[int]]
+    router_samples: list
+    eos: frozenset[int]
+    new_tokens: int
+    threads: int = 0
+
+
+def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSamples, progress=None,
+                         speculation: dict[str, dict[str, float]] | None = None) -> TargetParity:
+    """Parity of one decoder target folder, on exactly the files that ship.
 
     `speculation`, when given, receives per graph with extra heads its acceptance rate and tokens per pass.
     """
+    paths, genai_folder, lowbit_graphs = files.paths, files.genai_folder, files.lowbit_graphs
+    reference, prompts, router_samples = samples.reference, samples.prompts, samples.router_samples
+    eos, new_tokens, threads = samples.eos, samples.new_tokens, samples.threads
     graphs = list(paths)
     rows = []
     tokens_ort: dict[str, list[list[int]]] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from edgecompile.numerics import kept_units
 from edgecompile.check.parity import Comparison, batches
 from edgecompile.passes.branch_edits import unit_features
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
-from edgecompile.reference.student import GRAPH_PREFIX
+from edgecompile.families.bert_model import GRAPH_PREFIX
 from edgecompile.runtime.sessions import session_options
 from edgecompile.lowering.targets import Target
 from edgecompile.inputs.tokens import Encoded
@@ -55,18 +56,21 @@ def _projection(module: str, masks: ClusterMasks | None, head_size: int,
     return neurons, None, float(masks.blocks[layer, 1])
 
 
-def check_integer_linears(
-    target: Target,
-    graph_name: str,
-    model: ir.Model,
-    groups: list[dict[str, Any]],
-    reference: dict[str, QuantLinear],
-    masks: ClusterMasks | None,
-    head_size: int,
-    samples: list[Encoded],
-    threads: int = 0,
-    heads_present: Sequence[np.ndarray] | None = None,
-) -> Comparison:
+@dataclass(frozen=True)
+class IntegerReference:
+    """What every graph's integer check compares with: the reference's quantized Linears and the samples."""
+
+    linears: dict[str, QuantLinear]  # Hugging Face module name -> the reference's QuantLinear
+    head_size: int
+    samples: list[Encoded]
+    threads: int = 0
+    heads_present: Sequence[np.ndarray] | None = None  # per layer, the original head ids the checkpoint holds
+
+
+def check_integer_linears(target: Target, graph_name: str, model: ir.Model, groups: list[dict[str, Any]],
+                          masks: ClusterMasks | None, reference: IntegerReference) -> Comparison:
+    """One parity row: the graph's integer Linear groups fed exactly what onnxruntime fed them, against the reference."""
+    head_size, samples, threads, heads_present = reference.head_size, reference.samples, reference.threads, reference.heads_present
     debug = model.clone()
     nodes = {n.name: n for n in debug.graph}
     values: dict[str, ir.Value] = {}  # (group index, role) -> value, read off the stable node names
@@ -105,7 +109,7 @@ def check_integer_linears(
                 y_onnx = captured[y_name][batch]
                 expected_codes, outputs = None, []
                 for module, name in zip(group["modules"], quant_names):
-                    linear = reference[name]
+                    linear = reference.linears[name]
                     kept_in, kept_out, out_scale = _projection(module, masks, head_size, heads_present)
                     full = np.zeros(x.shape[:-1] + (linear.in_features,), np.float32)
                     if kept_in is None:

@@ -138,7 +138,7 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
     one `build` writes for this manifest, or onnxruntime-genai never sees the folder."""
     from edgecompile.bundle.decoder_folders import check_genai_config, check_kv_cache
     from edgecompile.bundle.layout import MANIFEST, genai_folder
-    from edgecompile.check.decoder_parity import check_decoder_target
+    from edgecompile.check.decoder_parity import DecoderFiles, DecoderSamples, check_decoder_target
 
     student = bundle.manifest["student"]
     described = {c["graph"]: c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]]}
@@ -154,14 +154,13 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
     except InputError as exc:  # the bundle's own tokenizer or chat template
         raise BundleError(str(exc)) from None
     router_samples = encoded_samples(bundle, texts, "router")
+    samples = DecoderSamples(reference, prompts, router_samples, frozenset(student["eos_token_ids"]),
+                             int(bundle.manifest["generation"]["parity_new_tokens"]), threads)
     results = []
     for name, entry in entries.items():
+        files = DecoderFiles(paths[name], bundle.file(genai_folder(name)), frozenset(entry.get("lowbit_graphs", [])))
         try:
-            results.append(check_decoder_target(
-                definitions[name], paths[name], bundle.file(genai_folder(name)), reference, prompts, router_samples,
-                frozenset(student["eos_token_ids"]), int(bundle.manifest["generation"]["parity_new_tokens"]), threads, progress,
-                lowbit_graphs=frozenset(entry.get("lowbit_graphs", [])),
-            ))
+            results.append(check_decoder_target(definitions[name], files, samples, progress))
         except GraphLoadError as exc:
             raise BundleError(str(exc)) from None
         except (InputError, KeyError, IndexError, ValueError, TypeError) as exc:  # the bundle's data disagree with its graphs

@@ -1,4 +1,6 @@
-"""The BERT family: its fp32 export (once, provenance kept), where its sub-layers are, its gates.
+"""The BERT family (BertModel, BertForSequenceClassification, sentence-transformers folders of a BERT): its
+config rules, its fp32 export (once, provenance kept), where its sub-layers are, its gates, its MACs.
+Its reference model (and checkpoints saved after `prune_heads`) is families/bert_model.py.
 
 We use the TorchScript exporter (as optimum does) because its node names carry the module scope
 (`/model/encoder/layer.0/attention/self/query/MatMul`), which the rewrites use to find
@@ -19,7 +21,7 @@ import io
 import math
 import types
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,13 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from edgecompile.errors import input_error
+from edgecompile.errors import InputError, input_error
+from edgecompile.families.base import FEATURE_EXTRACTION, ConfigCheck, Family, register
+from edgecompile.families.bert_model import INPUT_NAMES, check_pruned_heads, heads_present
 from edgecompile.inputs.compat import transformers_major
+from edgecompile.inputs.masks import ClusterMasks
+from edgecompile.inputs.student import StudentSpec, refuse_unimplemented
+from edgecompile.numerics import kept_units
 from edgecompile.passes.sites import (
     HEAD_IDS_KEY, BranchSites, LayerSites, LinearSite, StructureError, linear_site, nodes_by_module, residual_add,
 )
@@ -140,7 +147,6 @@ def export_module(
 def export_student(student: nn.Module) -> ir.Model:
     """The dense student: inputs input_ids / attention_mask / token_type_ids, dynamic batch and sequence."""
     from edgecompile.reference.evaluate import PER_TOKEN_OUTPUTS
-    from edgecompile.reference.student import INPUT_NAMES
 
     args = bert_dummy_inputs(student.bert.config, INPUT_NAMES)
     axes = bert_dynamic_axes(INPUT_NAMES, student.output_names, PER_TOKEN_OUTPUTS)
@@ -220,7 +226,7 @@ def gated_linears(bert: nn.Module) -> list[tuple[tuple[nn.Module, str], tuple[nn
     return [((layer.attention.output, "dense"), (layer.output, "dense")) for layer in bert.encoder.layer]
 
 
-def bert_gates(bert: nn.Module) -> "ModelGates":
+def bert_gates(bert: nn.Module) -> Any:
     """The reference gates (reference/masks.py) on a transformers BertModel; a head mask indexes the
     original heads, of which a checkpoint saved after `prune_heads` holds only some (its config says which)."""
     from edgecompile.reference.masks import ModelGates
@@ -230,110 +236,137 @@ def bert_gates(bert: nn.Module) -> "ModelGates":
     return ModelGates(gated_linears(bert), config.hidden_size // config.num_attention_heads, present)
 
 
-# --- checkpoints saved after transformers' `prune_heads` ----------------------------------------
-#
-# transformers 4.x's `model.prune_heads({layer: [heads]})` slices those heads out of the layer's
-# Q/K/V (output features) and attention output projection (input features) and records them in
-# config.json as `pruned_heads` (layer -> heads, numbered among the original num_attention_heads;
-# pruning again adds to the lists). transformers 5 no longer reads that key, so both majors load
-# such a checkpoint the same way (reference/student.py): built from a config without it
-# (`loading_config`), then `load_pruned_attention` gives the pruned layers the checkpoint's widths
-# and tensors.
+# ---------------------------------------------------------------------------------------------------
+# config rules
+
+ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
+ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_python", "silu", "swish", "tanh")
+# Fields a BERT config may carry (saved by transformers 4.x or 5.x) that change the model but that the
+# BERT export and passes do not implement: each is refused by name rather than compiled into a
+# different model. (transformers 5 drops relative positions altogether; 4.57 would load them, so both
+# lanes refuse them here. `pruned_heads`, which 5 drops too, is implemented.) Entries: key,
+# accepted(value), what is accepted.
+FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'"),
+    ("is_decoder", lambda v: not v, "an encoder (false)"),
+    ("add_cross_attention", lambda v: not v, "no cross-attention (false)"),
+    ("chunk_size_feed_forward", lambda v: not v, "0 (the FFN is exported unchunked)"),
+    ("quantization_config", lambda v: v is None, "none (a float checkpoint)"),
+)
 
 
-def parse_pruned_heads(raw: Mapping[Any, Sequence[int]] | None) -> dict[int, tuple[int, ...]]:
-    """config's `pruned_heads` (JSON keys are strings) -> {layer: sorted original head ids}; validated first."""
-    return {int(layer): tuple(sorted({int(h) for h in heads})) for layer, heads in (raw or {}).items() if heads}
+@register
+class Bert(Family):
+    name = "bert"
+    model_types = ("bert",)
+    architectures = ARCHITECTURES
+    task = FEATURE_EXTRACTION
+    description = "BertModel, BertForSequenceClassification, a sentence-transformers folder whose first module is a BERT"
+
+    @classmethod
+    def check_config(cls, path: Path, config: dict[str, Any], *, sentence_transformers: bool = False) -> ConfigCheck:
+        from edgecompile.families.base import supported
+
+        allowed = ("BertModel",) if sentence_transformers else ARCHITECTURES
+        architectures = config.get("architectures") or []
+        architecture = architectures[0] if architectures else "BertModel"
+        if architecture not in allowed:
+            raise InputError(f"{path}: architecture '{architecture}' is not supported; supported: {supported()}")
+        positive = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
+                    "max_position_embeddings", "type_vocab_size")
+        for key in positive:
+            value = config.get(key)
+            if key in ("type_vocab_size", "max_position_embeddings", "vocab_size") and value is None:
+                continue  # transformers' defaults apply
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise input_error(path, f"'{key}'", "a positive integer", repr(value))
+        for key in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = config.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise input_error(path, f"'{key}'", "a number", repr(value))
+        if "hidden_act" in config and config["hidden_act"] not in ACTIVATIONS:
+            raise input_error(path, "'hidden_act'", "a transformers activation name (e.g. 'gelu')", repr(config["hidden_act"]))
+        if config["hidden_size"] % config["num_attention_heads"]:
+            raise input_error(path, "'hidden_size' / 'num_attention_heads'", "an integer head size",
+                              f"{config['hidden_size']} / {config['num_attention_heads']}")
+        refuse_unimplemented(path, config, FIELDS_NOT_IMPLEMENTED)
+        check_pruned_heads(path, config)  # implemented on both majors (families/bert_model.py)
+        return ConfigCheck(architecture)
+
+    @classmethod
+    def student_spec(cls, checkpoint: Any, check: ConfigCheck, weight_names: set[str]) -> StudentSpec:
+        """The StudentSpec of a checked folder: which of the three BERT kinds, and what its graph outputs."""
+        from edgecompile.inputs.student import sentence_transformers_settings
+
+        config = checkpoint.config
+        positions = int(config.get("max_position_embeddings", 512))
+        if checkpoint.modules is not None:
+            st = sentence_transformers_settings(checkpoint)
+            return StudentSpec(checkpoint.path, "sentence-transformers", check.architecture, checkpoint.transformer_dir, config,
+                               pooling_mode=st.pooling_mode, normalize=st.normalize, max_seq_length=st.max_seq_length)
+        if check.architecture == "BertForSequenceClassification":
+            labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+            return StudentSpec(checkpoint.path, "bert-sequence-classification", check.architecture, checkpoint.transformer_dir,
+                               config, max_seq_length=positions, num_labels=labels)
+        return StudentSpec(checkpoint.path, "bert", check.architecture, checkpoint.transformer_dir, config,
+                           max_seq_length=positions, has_pooler=any(n.endswith("pooler.dense.weight") for n in weight_names))
 
 
-def heads_present(num_layers: int, num_heads: int, pruned: Mapping[Any, Sequence[int]] | None) -> tuple[np.ndarray, ...]:
-    """Per layer, the original ids of the heads the checkpoint holds, in the order its tensors hold them."""
-    gone = parse_pruned_heads(pruned)
-    return tuple(np.setdiff1d(np.arange(num_heads), gone.get(i, ())).astype(np.int64) for i in range(num_layers))
+# ---------------------------------------------------------------------------------------------------
+# what a cluster keeps, and its MACs per token
 
+def kept_structure(spec: StudentSpec, masks: ClusterMasks) -> dict[str, Any]:
+    """Per layer: blocks on, heads kept (original ids), neurons kept, soft gates; and the totals.
 
-def check_pruned_heads(config_path: Path, config: Mapping[str, Any]) -> None:
-    """`pruned_heads` must name layers and heads the config has, and leave every layer a head."""
-    raw = config.get("pruned_heads")
-    if raw is None or raw == {}:
-        return
-    what = "'pruned_heads'"
-    if not isinstance(raw, dict):
-        raise input_error(config_path, what, "an object {layer: [head, ...]}", type(raw).__name__)
-    layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    for key, value in raw.items():
-        layer = int(key) if isinstance(key, str) and key.isdigit() else None
-        if layer is None or layer >= layers:
-            raise input_error(config_path, f"{what} key {key!r}", f"a layer index 0..{layers - 1}", repr(key))
-        if not isinstance(value, list) or any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < heads for h in value):
-            raise input_error(config_path, f"{what}[{key!r}]", f"a list of head indices 0..{heads - 1}", repr(value)[:80])
-        if len(set(value)) == heads:
-            raise input_error(config_path, f"{what}[{key!r}]", f"at least one of the layer's {heads} heads left "
-                              "(an attention without heads cannot run, in transformers either)", f"all {heads} pruned")
-
-
-def loading_config(transformer_dir: Path, config: Mapping[str, Any]) -> dict[str, Any]:
-    """Extra `from_pretrained` arguments for a checkpoint saved after prune_heads: its config without
-    `pruned_heads`, so every layer is built full width on both majors (4.x would prune at construction)."""
-    if not parse_pruned_heads(config.get("pruned_heads")):
-        return {}
-    from transformers import BertConfig
-
-    loaded = BertConfig.from_pretrained(str(transformer_dir), local_files_only=True)
-    loaded.pruned_heads = {}
-    return {"config": loaded}
-
-
-def load_pruned_attention(model: nn.Module, bert: nn.Module, weights: Path, pruned_heads: Mapping[Any, Sequence[int]] | None) -> set[str]:
-    """Give each layer in `pruned_heads` the checkpoint's narrower self-attention.
-
-    The model was built with every layer at num_attention_heads (`loading_config`), so those layers'
-    Q/K/V and attention output projection are full width (transformers reports them mismatched):
-    each is replaced by a Linear of the checkpoint's shape holding the checkpoint's tensors, with the
-    head bookkeeping transformers 4 keeps, and the config records `pruned_heads` again. Returns the
-    names (as in `model.state_dict()`) now loaded. A tensor whose shape does not follow from
-    `pruned_heads` is an error naming it.
+    Heads a checkpoint already lacks (saved after `prune_heads`) are never counted as kept, whatever their gate.
     """
-    from safetensors import safe_open
+    present = heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
+    layers = []
+    for i in range(spec.num_layers):
+        attention_on = masks.blocks[i, 0] != 0
+        ffn_on = masks.blocks[i, 1] != 0
+        head_gates = masks.heads[i][present[i]]
+        heads = [int(h) for h in present[i][kept_units(head_gates)]] if attention_on else []
+        neurons = len(kept_units(masks.neurons[i])) if ffn_on else 0
+        soft = {
+            "attention_scale": float(masks.blocks[i, 0]) if attention_on and masks.blocks[i, 0] != 1 else None,
+            "ffn_scale": float(masks.blocks[i, 1]) if ffn_on and masks.blocks[i, 1] != 1 else None,
+            "soft_heads": int(np.count_nonzero((head_gates != 0) & (head_gates != 1))) if attention_on else 0,
+            "soft_neurons": int(np.count_nonzero((masks.neurons[i] != 0) & (masks.neurons[i] != 1))) if ffn_on else 0,
+        }
+        layers.append({
+            "layer": i,
+            # A branch "kept" with zero heads / neurons reduces to its output bias.
+            "attention": bool(attention_on),
+            "ffn": bool(ffn_on),
+            "heads": heads,
+            "neurons": neurons,
+            **{k: v for k, v in soft.items() if v},
+        })
+    return {
+        "layers": layers,
+        "attention_blocks_kept": sum(layer["attention"] for layer in layers),
+        "ffn_blocks_kept": sum(layer["ffn"] for layer in layers),
+        "heads_kept": sum(len(layer["heads"]) for layer in layers),
+        "neurons_kept": sum(layer["neurons"] for layer in layers),
+        "layers_without_compute": [layer["layer"] for layer in layers if not layer["heads"] and not layer["neurons"]],
+    }
 
-    pruned = parse_pruned_heads(pruned_heads)
-    if not pruned:
-        return set()
-    config = bert.config
-    size = config.hidden_size // config.num_attention_heads
-    prefix = next(name + "." for name, module in model.named_modules() if module is bert) if model is not bert else ""
-    loaded: set[str] = set()
-    with safe_open(str(weights), framework="pt") as handle:
-        stored = set(handle.keys())
 
-        def checkpoint_tensor(name: str, shape: tuple[int, ...], why: str) -> torch.Tensor:
-            key = next((k for k in (name, "bert." + name, name.removeprefix("bert.")) if k in stored), None)
-            if key is None:
-                raise input_error(weights, f"tensor {name}", "in the checkpoint", "missing")
-            found = tuple(handle.get_slice(key).get_shape())
-            if found != shape:
-                raise input_error(weights, f"tensor {key}", f"shape {list(shape)} ({why})", list(found))
-            loaded.add(name)
-            return handle.get_tensor(key)
-
-        for layer, gone in pruned.items():
-            attention = bert.encoder.layer[layer].attention
-            heads = config.num_attention_heads - len(gone)
-            width, hidden = heads * size, config.hidden_size
-            why = f"config.json's pruned_heads leaves {heads} of {config.num_attention_heads} heads in layer {layer}"
-            path = f"{prefix}encoder.layer.{layer}.attention"
-            with torch.no_grad():
-                for name in ("query", "key", "value"):
-                    linear = nn.Linear(hidden, width)
-                    linear.weight.copy_(checkpoint_tensor(f"{path}.self.{name}.weight", (width, hidden), why))
-                    linear.bias.copy_(checkpoint_tensor(f"{path}.self.{name}.bias", (width,), why))
-                    setattr(attention.self, name, linear)
-                output = nn.Linear(width, hidden)
-                output.weight.copy_(checkpoint_tensor(f"{path}.output.dense.weight", (hidden, width), why))
-                output.bias.copy_(attention.output.dense.bias)  # hidden wide: transformers loaded it as usual
-                attention.output.dense = output
-            attention.self.num_attention_heads = heads  # transformers 4's forward reshapes with these
-            attention.self.all_head_size = width
-            attention.pruned_heads = set(gone)
-    config.pruned_heads = {layer: list(heads) for layer, heads in pruned.items()}
-    return loaded
+def macs_per_token(spec: StudentSpec, kept: dict[str, Any], sequence: int = 128) -> dict[str, int]:
+    """MACs per token for one sequence of `sequence` tokens: weight projections (Q/K/V, attention output, FFN),
+    attention scores and context (2 * sequence * kept_heads * head_size per layer), plus pooler / classifier
+    once per sequence, divided by `sequence`."""
+    h, d = spec.hidden_size, spec.head_size
+    linear = attention = 0
+    for layer in kept["layers"]:
+        width = len(layer["heads"]) * d
+        linear += 4 * h * width + 2 * h * layer["neurons"]
+        attention += 2 * sequence * width
+    per_sequence = 0
+    if spec.family == "bert-sequence-classification":
+        per_sequence = h * h + h * spec.num_labels
+    elif spec.has_pooler:
+        per_sequence = h * h
+    total = linear + attention + per_sequence // sequence
+    return {"sequence": sequence, "linear": linear, "attention": attention, "total": total}

@@ -1,13 +1,13 @@
 """Multi-token-prediction heads on a decoder (Gloeckle et al., ICML 2024): the checkpoint contract and the reference.
 
-Contract: a LlamaForCausalLM folder whose `num_hidden_layers = L` holds the trunk (layers 0..L-2)
-and head 0 (layer L-1), plus `n_future_tokens - 1` extra heads stored in model.safetensors under
-`extra_heads.{j}.` with the parameter names of a LlamaDecoderLayer; head j+1 (tensors
-`extra_heads.{j}.*`) predicts token t+2+j. Every head reads the trunk's output (the residual stream
-after layer L-2) and shares the final norm and the unembedding.
+Contract: a decoder folder of a family with `multi_token_heads` (Llama) whose `num_hidden_layers = L`
+holds the trunk (layers 0..L-2) and head 0 (layer L-1), plus `n_future_tokens - 1` extra heads stored
+in model.safetensors under `extra_heads.{j}.` with the parameter names of the family's decoder layer;
+head j+1 (tensors `extra_heads.{j}.*`) predicts token t+2+j. Every head reads the trunk's output (the
+residual stream after layer L-2) and shares the final norm and the unembedding.
 
-The reference for head 0 is transformers' own LlamaForCausalLM (it ignores `extra_heads.*`); each
-extra head is a transformers LlamaDecoderLayer loaded with its tensors and run on the trunk output,
+The reference for head 0 is transformers' own causal LM (it ignores `extra_heads.*`); each extra head
+is the family's transformers decoder layer loaded with its tensors and run on the trunk output,
 captured as the input of head 0's layer L-1, so the cluster's gates on the trunk apply to every head.
 """
 
@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 
 
-def load_extra_heads(model: Any, weights: dict[str, np.ndarray], extra_heads: int) -> list[Any]:
-    """One transformers LlamaDecoderLayer per extra head, loaded with `extra_heads.{j}.*`, eval mode."""
+def load_extra_heads(family: Any, model: Any, weights: dict[str, np.ndarray], extra_heads: int) -> list[Any]:
+    """One of the family's transformers decoder layers per extra head, loaded with `extra_heads.{j}.*`, eval mode."""
     import torch
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     layers = []
     for j in range(extra_heads):
-        layer = LlamaDecoderLayer(model.config, layer_idx=model.config.num_hidden_layers + j)
+        layer = family.decoder_layer(model.config)
         prefix = f"extra_heads.{j}."
         state = {name[len(prefix):]: torch.from_numpy(array) for name, array in weights.items() if name.startswith(prefix)}
         layer.load_state_dict(state, strict=True)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecompile.errors import InputError, input_error, one_line
-from edgecompile.inputs.student import StudentSpec, load_student
+from edgecompile.inputs.student import StudentSpec
 
 STATIC_DTYPES = ("float32", "float16", "int8")
 STATIC_MAX_TOKENS = 512  # StaticModel.encode's default max_length
@@ -93,28 +93,8 @@ def is_model2vec(path: Path) -> bool:
         return False
 
 
-def load_router(path: Path, layers: int | None = None) -> RouterSpec:
-    """Validate a router encoder folder; `layers` truncates a transformer encoder to its first n layers."""
-    path = Path(path)
-    if is_model2vec(path):
-        if layers is not None:
-            raise input_error("--router-layers", "router encoder", "a transformer encoder (layers to keep)",
-                              f"a static-embedding model2vec model ({path})")
-        return _load_static(path)
-    encoder = load_student(path, role="router encoder")
-    if encoder.family != "sentence-transformers":
-        raise input_error(path, "router encoder", "a sentence-transformers folder (modules.json) or a model2vec model",
-                          f"a plain {encoder.architecture} checkpoint")
-    if not encoder.tokenizer_files():
-        raise input_error(encoder.transformer_dir, "router encoder tokenizer", "tokenizer files (tokenizer.json or vocab.txt)", "none")
-    encoder.check_tokenizer_files_readable()
-    if layers is not None and not 1 <= layers <= encoder.num_layers:
-        raise input_error("--router-layers", "layers", f"1 .. {encoder.num_layers} (the encoder's layers)", layers)
-    return RouterSpec(path, "transformer", encoder.embedding_dim, encoder.transformer_dir / "model.safetensors",
-                      encoder.transformer_dir, int(encoder.config["vocab_size"]), layers or encoder.num_layers, encoder)
-
-
-def _load_static(path: Path) -> RouterSpec:
+def load_static_router(path: Path) -> RouterSpec:
+    """A model2vec folder (its table's shape and dtype, its tokenizer) as a router."""
     from safetensors import safe_open
 
     weights, tokenizer_file = path / "model.safetensors", path / "tokenizer.json"

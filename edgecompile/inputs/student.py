@@ -1,4 +1,9 @@
-"""Student and router-encoder checkpoints: Hugging Face BERT folders and sentence-transformers folders."""
+"""Checkpoint folders as files: a Hugging Face folder (config.json, model.safetensors, tokenizer) or a
+sentence-transformers folder (modules.json, its Transformer module's folder, Pooling, Normalize).
+
+What a folder holds is read and checked here; whether its config.json describes a model edgecompile
+compiles exactly is its family's rule (families/, which turns a folder into a StudentSpec).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,6 @@ from typing import Any
 
 from edgecompile.errors import InputError, input_error, one_line
 
-SUPPORTED_ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
-SUPPORTED_DESCRIPTION = (
-    "BertModel, BertForSequenceClassification, a sentence-transformers folder whose first module is a BERT, "
-    "or LlamaForCausalLM"
-)
-DECODER_FAMILIES = ("llama",)  # model_type values compiled as decoder language models (families/llama.py)
 # chat_template.jinja: where transformers 5 saves a chat template (4.x kept it in tokenizer_config.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja")
@@ -28,7 +27,7 @@ class StudentSpec:
     """A validated checkpoint of a supported family. Nothing heavy is loaded yet."""
 
     path: Path  # what the user gave
-    family: str  # "bert" | "bert-sequence-classification" | "sentence-transformers"
+    family: str  # the kind of folder: "bert" | "bert-sequence-classification" | "sentence-transformers" | a decoder family's name
     architecture: str
     transformer_dir: Path  # holds config.json and model.safetensors
     config: dict[str, Any]
@@ -38,6 +37,7 @@ class StudentSpec:
     has_pooler: bool = False  # BertModel with pooler weights in the checkpoint
     num_labels: int = 0
     ignored_fields: tuple[str, ...] = ()  # config.json fields transformers' config class neither defines nor reads
+    task: str = "feature-extraction"  # or "causal-lm" (families/base.py)
 
     @property
     def num_layers(self) -> int:
@@ -66,7 +66,7 @@ class StudentSpec:
 
     @property
     def is_decoder(self) -> bool:
-        return self.family in DECODER_FAMILIES
+        return self.task == "causal-lm"
 
     @property
     def embedding_dim(self) -> int:
@@ -85,7 +85,7 @@ class StudentSpec:
                 raise InputError(f"{path}: tokenizer file not readable ({exc.strerror})") from None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
@@ -94,7 +94,7 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not readable JSON ({one_line(exc)})") from None
 
 
-def _check_weights(transformer_dir: Path) -> set[str]:
+def check_weights(transformer_dir: Path) -> set[str]:
     """Open model.safetensors' header so a corrupt file fails here with its name; return tensor names."""
     weights = transformer_dir / WEIGHTS_FILE
     if not weights.is_file():
@@ -113,64 +113,7 @@ def _check_weights(transformer_dir: Path) -> set[str]:
         raise InputError(f"{weights}: not a readable safetensors file ({one_line(exc)})") from None
 
 
-def _check_bert_config(config_path: Path, config: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(config, dict):
-        raise input_error(config_path, "content", "a JSON object", type(config).__name__)
-    model_type = config.get("model_type")
-    architectures = config.get("architectures") or []
-    architecture = architectures[0] if architectures else None
-    if model_type != "bert":
-        name = architecture or "unknown architecture"
-        raise InputError(
-            f"{config_path}: model family '{model_type}' ({name}) is not supported; supported: {SUPPORTED_DESCRIPTION}"
-        )
-    if architecture is None:
-        architecture = "BertModel"
-    if architecture not in allowed:
-        raise InputError(
-            f"{config_path}: architecture '{architecture}' is not supported; supported: {SUPPORTED_DESCRIPTION}"
-        )
-    positive = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size",
-                "max_position_embeddings", "type_vocab_size")
-    for key in positive:
-        value = config.get(key)
-        if key in ("type_vocab_size", "max_position_embeddings", "vocab_size") and value is None:
-            continue  # transformers' defaults apply
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise input_error(config_path, f"'{key}'", "a positive integer", repr(value))
-    for key in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
-        value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise input_error(config_path, f"'{key}'", "a number", repr(value))
-    if "hidden_act" in config and config["hidden_act"] not in ("gelu", "relu", "gelu_new", "gelu_python", "silu", "swish", "tanh"):
-        raise input_error(config_path, "'hidden_act'", "a transformers activation name (e.g. 'gelu')", repr(config["hidden_act"]))
-    if config["hidden_size"] % config["num_attention_heads"]:
-        raise input_error(
-            config_path, "'hidden_size' / 'num_attention_heads'", "an integer head size",
-            f"{config['hidden_size']} / {config['num_attention_heads']}",
-        )
-    _refuse_unimplemented(config_path, config, BERT_FIELDS_NOT_IMPLEMENTED)
-    from edgecompile.families.bert import check_pruned_heads
-
-    check_pruned_heads(config_path, config)  # implemented on both majors (families/bert.py), checked there
-    return architecture
-
-
-# Fields a BERT config may carry (saved by transformers 4.x or 5.x) that change the model but that the
-# BERT export and passes do not implement: each is refused by name rather than compiled into a
-# different model. (transformers 5 drops relative positions altogether; 4.57 would load them, so both
-# lanes refuse them here. `pruned_heads`, which 5 drops too, is implemented.) Entries: key,
-# accepted(value), what is accepted.
-BERT_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("position_embedding_type", lambda v: v in (None, "absolute"), "'absolute'"),
-    ("is_decoder", lambda v: not v, "an encoder (false)"),
-    ("add_cross_attention", lambda v: not v, "no cross-attention (false)"),
-    ("chunk_size_feed_forward", lambda v: not v, "0 (the FFN is exported unchunked)"),
-    ("quantization_config", lambda v: v is None, "none (a float checkpoint)"),
-)
-
-
-def _refuse_unimplemented(path: Path, config: dict[str, Any], fields: tuple[tuple[str, Callable[[Any], bool], str], ...]) -> None:
+def refuse_unimplemented(path: Path, config: dict[str, Any], fields: tuple[tuple[str, Callable[[Any], bool], str], ...]) -> None:
     for key, accepted, expected in fields:
         if key in config and not accepted(config[key]):
             raise input_error(path, f"'{key}'", expected, _short(config[key]))
@@ -204,7 +147,7 @@ ST_MODEL_FIELDS_NOT_IMPLEMENTED: tuple[tuple[str, Callable[[Any], bool], str], .
 
 def _sentence_transformers_modules(path: Path) -> list[dict[str, Any]]:
     modules_path = path / "modules.json"
-    modules = _read_json(modules_path)
+    modules = read_json(modules_path)
     if not isinstance(modules, list) or not modules or not all(isinstance(m, dict) for m in modules):
         raise input_error(modules_path, "content", "a non-empty list of modules", type(modules).__name__)
     return modules
@@ -235,76 +178,74 @@ def _pooling_mode(config_path: Path, config: Any) -> str:
     return modes[0]
 
 
-def load_student(path: Path, *, role: str = "student") -> StudentSpec:
-    """Validate a checkpoint folder and say which family it is. `role` names it in errors."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder located: where its config.json and weights are, and its sentence-transformers modules."""
+
+    path: Path  # what the user gave
+    transformer_dir: Path  # holds config.json and model.safetensors
+    config: dict[str, Any]
+    modules: list[dict[str, Any]] | None = None  # modules.json of a sentence-transformers folder
+
+    @property
+    def config_path(self) -> Path:
+        return self.transformer_dir / "config.json"
+
+
+def read_checkpoint(path: Path, *, role: str = "student") -> Checkpoint:
+    """Locate config.json (through modules.json for a sentence-transformers folder); `role` names the folder in errors."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: {role} folder not found")
     if not path.is_dir():
         raise input_error(path, role, "a folder with config.json and model.safetensors", "a file")
+    modules = None
+    transformer_dir = path
     if (path / "modules.json").is_file():
-        return _load_sentence_transformers(path)
-    config_path = path / "config.json"
-    config = _read_json(config_path)
-    if isinstance(config, dict) and config.get("model_type") in DECODER_FAMILIES:
-        from edgecompile.families.llama import check_config
-
-        architecture, ignored = check_config(config_path, config)
-        _check_weights(path)
-        return StudentSpec(path, config["model_type"], architecture, path, config,
-                           max_seq_length=int(config.get("max_position_embeddings", 2048)), ignored_fields=tuple(ignored))
-    architecture = _check_bert_config(config_path, config, SUPPORTED_ARCHITECTURES)
-    names = _check_weights(path)
-    if architecture == "BertForSequenceClassification":
-        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
-        return StudentSpec(
-            path, "bert-sequence-classification", architecture, path, config,
-            max_seq_length=int(config.get("max_position_embeddings", 512)), num_labels=labels,
-        )
-    has_pooler = any(n.endswith("pooler.dense.weight") for n in names)
-    return StudentSpec(
-        path, "bert", architecture, path, config,
-        max_seq_length=int(config.get("max_position_embeddings", 512)), has_pooler=has_pooler,
-    )
+        modules = _sentence_transformers_modules(path)
+        kinds = [_module_kind(m) for m in modules]
+        if kinds[0] != "Transformer":
+            raise input_error(path / "modules.json", "first module", "a Transformer module", modules[0].get("type"))
+        if len(kinds) < 2 or kinds[1] != "Pooling":
+            found = modules[1].get("type") if len(kinds) > 1 else "nothing"
+            raise input_error(path / "modules.json", "second module", "a Pooling module", found)
+        if kinds[2:] not in ([], ["Normalize"]):
+            raise input_error(path / "modules.json", "modules after Pooling", "none or Normalize",
+                              ", ".join(m.get("type", "?") for m in modules[2:]))
+        transformer_dir = path / str(modules[0].get("path", ""))
+    config = read_json(transformer_dir / "config.json")
+    if not isinstance(config, dict):
+        raise input_error(transformer_dir / "config.json", "content", "a JSON object", type(config).__name__)
+    return Checkpoint(path, transformer_dir, config, modules)
 
 
-def _load_sentence_transformers(path: Path) -> StudentSpec:
-    modules = _sentence_transformers_modules(path)
-    kinds = [_module_kind(m) for m in modules]
-    if kinds[0] != "Transformer":
-        raise input_error(path / "modules.json", "first module", "a Transformer module", modules[0].get("type"))
-    if len(kinds) < 2 or kinds[1] != "Pooling":
-        found = modules[1].get("type") if len(kinds) > 1 else "nothing"
-        raise input_error(path / "modules.json", "second module", "a Pooling module", found)
-    rest = kinds[2:]
-    if rest not in ([], ["Normalize"]):
-        raise input_error(
-            path / "modules.json", "modules after Pooling", "none or Normalize", ", ".join(m.get("type", "?") for m in modules[2:])
-        )
-    transformer_dir = path / str(modules[0].get("path", ""))
-    config_path = transformer_dir / "config.json"
-    config = _read_json(config_path)
-    architecture = _check_bert_config(config_path, config, ("BertModel",))
-    _check_weights(transformer_dir)
+@dataclass(frozen=True)
+class SentenceTransformersSettings:
+    pooling_mode: str
+    normalize: bool
+    max_seq_length: int
+
+
+def sentence_transformers_settings(checkpoint: Checkpoint) -> SentenceTransformersSettings:
+    """Pooling, normalisation and length of a sentence-transformers folder; settings edgecompile does not implement
+    are refused naming the file and key."""
+    path, modules, config = checkpoint.path, checkpoint.modules or [], checkpoint.config
     pooling_dir = path / str(modules[1].get("path", "1_Pooling"))
-    pooling_mode = _pooling_mode(pooling_dir / "config.json", _read_json(pooling_dir / "config.json"))
+    pooling_mode = _pooling_mode(pooling_dir / "config.json", read_json(pooling_dir / "config.json"))
     # sentence-transformers >= 5.x keeps the length in the tokenizer's model_max_length (the build
     # clamps to it); older folders also say max_seq_length here.
     max_seq_length = int(config.get("max_position_embeddings", 512))
-    st_config = transformer_dir / "sentence_bert_config.json"
+    st_config = checkpoint.transformer_dir / "sentence_bert_config.json"
     if st_config.is_file():
-        value = _read_json(st_config)
+        value = read_json(st_config)
         if not isinstance(value, dict):
             raise input_error(st_config, "content", "a JSON object", type(value).__name__)
-        _refuse_unimplemented(st_config, value, ST_TRANSFORMER_FIELDS_NOT_IMPLEMENTED)
+        refuse_unimplemented(st_config, value, ST_TRANSFORMER_FIELDS_NOT_IMPLEMENTED)
         if isinstance(value.get("max_seq_length"), int):
             max_seq_length = min(max_seq_length, value["max_seq_length"])
     model_config = path / "config_sentence_transformers.json"
     if model_config.is_file():
-        value = _read_json(model_config)
+        value = read_json(model_config)
         if isinstance(value, dict):
-            _refuse_unimplemented(model_config, value, ST_MODEL_FIELDS_NOT_IMPLEMENTED)
-    return StudentSpec(
-        path, "sentence-transformers", architecture, transformer_dir, config,
-        pooling_mode=pooling_mode, normalize=bool(rest), max_seq_length=max_seq_length,
-    )
+            refuse_unimplemented(model_config, value, ST_MODEL_FIELDS_NOT_IMPLEMENTED)
+    return SentenceTransformersSettings(pooling_mode, len(modules) > 2, max_seq_length)

@@ -17,7 +17,7 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, RemoveUnus
 
 from edgecompile.inputs.lowbit import LowBitPlan
 from edgecompile.passes.lower_lowbit_linears import ActivationQuant
-from edgecompile.reference.student import GRAPH_PREFIX
+from edgecompile.families.bert_model import GRAPH_PREFIX
 
 
 @dataclass(frozen=True)

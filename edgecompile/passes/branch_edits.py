@@ -6,12 +6,12 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecompile.passes.provenance import module_of, set_module
-from edgecompile.passes.sites import BranchSites, LinearSite
+from edgecompile.passes.sites import BranchSites, LinearSite, StructureError
 from edgecompile.passes.tensors import new_initializer, replace_constant_input
 
 
-def _branch_index(residual_add: ir.Node, site: LinearSite) -> int:
-    return 0 if residual_add.inputs[0] is site.output else 1
+def _branch_index(branch: BranchSites) -> int:
+    return 0 if branch.residual_add.inputs[0] is branch.output else 1
 
 
 def drop_branch(graph: ir.Graph, branch: BranchSites) -> None:
@@ -20,7 +20,7 @@ def drop_branch(graph: ir.Graph, branch: BranchSites) -> None:
     The branch's nodes lose their last use and are removed by dead-code elimination; graph inputs
     and outputs that belong to the branch (a decoder layer's KV cache) go with it.
     """
-    residual = branch.residual_add.inputs[1 - _branch_index(branch.residual_add, branch.down)]
+    residual = branch.residual_add.inputs[1 - _branch_index(branch)]
     ir.convenience.replace_all_uses_with(branch.residual_add.outputs[0], residual)
     for value in branch.state_outputs:
         graph.outputs.remove(value)
@@ -38,7 +38,19 @@ def branch_to_bias(graph: ir.Graph, branch: BranchSites) -> None:
     if branch.down.bias is None:
         drop_branch(graph, branch)
         return
-    branch.residual_add.replace_input_with(_branch_index(branch.residual_add, branch.down), branch.down.bias)
+    if branch.output_norm is not None:  # norm(bias) would be a new constant branch; no family has one
+        raise StructureError(f"{branch.down.module}: a biased projection under an output norm cannot reduce to its bias")
+    branch.residual_add.replace_input_with(_branch_index(branch), branch.down.bias)
+
+
+def scale_branch(graph: ir.Graph, branch: BranchSites, scale: float) -> None:
+    """Multiply what the branch adds to the residual stream: its output norm's weight, else its output projection."""
+    if branch.output_norm is None:
+        scale_linear_output(graph, branch.down, scale)
+        return
+    norm = branch.output_norm
+    weight = (norm.inputs[1].const_value.numpy() * np.float32(scale)).astype(np.float32)
+    replace_constant_input(graph, norm, 1, weight, f"{module_of(norm)}.weight")
 
 
 def scale_linear_output(graph: ir.Graph, site: LinearSite, scale: float) -> None:

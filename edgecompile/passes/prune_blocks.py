@@ -2,7 +2,8 @@
 
 The gate multiplies the branch added to the residual stream. Gate 0 rewires the residual Add
 away so the branch is dead code (with a decoder layer's KV cache inputs and outputs); a soft gate
-is folded into the branch's output projection (weight and bias), so no Mul is added. Whatever is
+is folded into the branch's output projection (weight and bias), or into the norm on its output
+where the family has one (Gemma), so no Mul is added. Whatever is
 outside the branch stays: BERT's post-LayerNorms, the residual stream itself.
 """
 
@@ -12,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecompile.numerics import gate_is_identity, gate_is_removed
-from edgecompile.passes.branch_edits import drop_branch, scale_linear_output
+from edgecompile.passes.branch_edits import drop_branch, scale_branch
 from edgecompile.passes.sites import GraphStructure
 
 
@@ -33,6 +34,6 @@ class PruneBlocks(ir.passes.InPlacePass):
                 if gate_is_removed(gate):
                     drop_branch(model.graph, branch)
                 else:
-                    scale_linear_output(model.graph, branch.down, gate)
+                    scale_branch(model.graph, branch, gate)
                 modified = True
         return ir.passes.PassResult(model, modified=modified)

@@ -66,7 +66,8 @@ class BranchSites:
     graph holds by their index in the mask (a checkpoint may already lack some); `unit_groups[u]`
     is the group of unit u: a group is one key/value head under grouped-query attention, sliced from
     `group_ups`, and it is removed from the graph only when every unit in it is removed. Without
-    groups every unit is its own group. `state_inputs` / `state_outputs` are graph inputs and
+    groups every unit is its own group. `output_norm`, when the family has one, normalizes `down`'s
+    output before the residual add. `state_inputs` / `state_outputs` are graph inputs and
     outputs that live and die with the branch (a decoder layer's KV cache). `on_resize(kept_units,
     kept_groups)` (positions among the graph's units and groups) lets the family's attention op follow.
     """
@@ -81,6 +82,14 @@ class BranchSites:
     state_inputs: list[ir.Value] = field(default_factory=list)
     state_outputs: list[ir.Value] = field(default_factory=list)
     on_resize: Callable[[np.ndarray, np.ndarray], None] | None = None
+    # A norm on the branch's output (Gemma's post-attention / post-feedforward norms): the branch is
+    # `norm(down(...))`, and its weight (input 1) is what scales the branch.
+    output_norm: ir.Node | None = None
+
+    @property
+    def output(self) -> ir.Value:
+        """What the branch adds to the residual stream."""
+        return self.output_norm.outputs[0] if self.output_norm is not None else self.down.output
 
     @property
     def num_units(self) -> int:
@@ -151,11 +160,14 @@ def linear_site(module: str, nodes: list[ir.Node], *, bias: bool | None = True) 
     return LinearSite(module, matmul, add, bias_index)
 
 
-def residual_add(module: str, nodes: list[ir.Node], branch: LinearSite | None) -> ir.Node | None:
-    """The one Add in `nodes` that takes the branch's output (or the one Add, without a branch)."""
+def residual_add(module: str, nodes: list[ir.Node], branch: LinearSite | None, output: ir.Value | None = None) -> ir.Node | None:
+    """The one Add in `nodes` that takes the branch's output (`output`, else the branch projection's; or the one
+    Add, without a branch)."""
     adds = [n for n in nodes if n.op_type == "Add"]
-    if branch is not None:
-        adds = [n for n in adds if branch.output in n.inputs]
+    if output is None and branch is not None:
+        output = branch.output
+    if output is not None:
+        adds = [n for n in adds if output in n.inputs]
     if len(adds) > 1:
         raise StructureError(f"{module}: expected one residual Add, found {len(adds)}")
     return adds[0] if adds else None

@@ -16,7 +16,6 @@ import torch
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.reference.masks import ModelGates
 from edgecompile.reference.router import RouterModule
-from edgecompile.reference.student import StudentModule
 from edgecompile.inputs.tokens import Encoded
 
 PER_TOKEN_OUTPUTS = frozenset({"last_hidden_state", "token_embeddings"})
@@ -40,7 +39,8 @@ def _tensors(sample: Encoded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def student_outputs(student: StudentModule, samples: list[Encoded]) -> Outputs:
+def student_outputs(student: torch.nn.Module, samples: list[Encoded]) -> Outputs:
+    """Every output (`student.output_names`) of a student module on each sample, unpadded."""
     outputs: Outputs = {name: [] for name in student.output_names}
     with single_thread():
         for sample in samples:
@@ -50,7 +50,7 @@ def student_outputs(student: StudentModule, samples: list[Encoded]) -> Outputs:
 
 
 def cluster_outputs(
-    student: StudentModule, gates: ModelGates, clusters: tuple[ClusterMasks, ...], samples: list[Encoded]
+    student: torch.nn.Module, gates: ModelGates, clusters: tuple[ClusterMasks, ...], samples: list[Encoded]
 ) -> dict[str, Outputs]:
     """Reference for the dense student and for each cluster (`gates`, installed on `student`, set per cluster)."""
     result = {"dense": student_outputs(student, samples)}

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompile.reference.student import StudentModule
 
 ROUTER_INPUT_NAMES = ("input_ids", "attention_mask")
 ROUTER_OUTPUT_NAMES = ("cluster_id", "distances")
@@ -46,7 +45,7 @@ class TransformerSentenceEncoder(nn.Module):
     """A sentence-transformers student's sentence embedding, using only its first `layers` encoder layers
     (the same truncation as `model[0].auto_model.encoder.layer = layer[:n]` in sentence-transformers)."""
 
-    def __init__(self, student: StudentModule, layers: int | None = None) -> None:
+    def __init__(self, student: nn.Module, layers: int | None = None) -> None:
         super().__init__()
         if student.spec.family != "sentence-transformers":
             raise ValueError("the router encoder must be a sentence-transformers model")
@@ -132,7 +131,7 @@ class RouterModule(nn.Module):
         projection_bias: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(encoder, StudentModule):
+        if not isinstance(encoder, TransformerSentenceEncoder) and hasattr(encoder, "bert"):  # a student module as is
             encoder = TransformerSentenceEncoder(encoder)
         self.encoder = encoder  # (input_ids, attention_mask) -> sentence embedding [batch, D]
         self.metric = metric

@@ -1,4 +1,5 @@
-"""The student as a torch module with a fixed signature, per family.
+"""The BERT family's reference model: the student as a torch module with a fixed signature, and checkpoints
+saved after transformers' `prune_heads`.
 
 `StudentModule.forward(input_ids, attention_mask, token_type_ids)` returns a tuple in the order
 of `output_names`. The same forward is exported to ONNX and evaluated as the parity reference.
@@ -7,12 +8,15 @@ of `output_names`. The same forward is exported to ONNX and evaluated as the par
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from edgecompile.errors import InputError, one_line
+from edgecompile.errors import InputError, input_error, one_line
 from edgecompile.inputs.compat import transformers_major
 from edgecompile.inputs.student import StudentSpec
 from edgecompile.reference.pooling import l2_normalize, pool
@@ -144,8 +148,6 @@ def load_student_module(spec: StudentSpec) -> StudentModule:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # transformers 5 draws one per load on stderr
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from edgecompile.families.bert import load_pruned_attention, loading_config
-
     weights = spec.transformer_dir / "model.safetensors"
     kwargs = dict(_load_kwargs(), **loading_config(spec.transformer_dir, spec.config))  # a prune_heads checkpoint: full width first
     try:
@@ -173,3 +175,112 @@ def load_student_module(spec: StudentSpec) -> StudentModule:
             raise InputError(f"{weights}: tensor {name}: expected finite values, found NaN or Inf")
     model.eval()
     return StudentModule(spec, model).eval()
+
+
+# --- checkpoints saved after transformers' `prune_heads` ----------------------------------------
+#
+# transformers 4.x's `model.prune_heads({layer: [heads]})` slices those heads out of the layer's
+# Q/K/V (output features) and attention output projection (input features) and records them in
+# config.json as `pruned_heads` (layer -> heads, numbered among the original num_attention_heads;
+# pruning again adds to the lists). transformers 5 no longer reads that key, so both majors load
+# such a checkpoint the same way (load_student_module above): built from a config without it
+# (`loading_config`), then `load_pruned_attention` gives the pruned layers the checkpoint's widths
+# and tensors.
+
+
+def parse_pruned_heads(raw: Mapping[Any, Sequence[int]] | None) -> dict[int, tuple[int, ...]]:
+    """config's `pruned_heads` (JSON keys are strings) -> {layer: sorted original head ids}; validated first."""
+    return {int(layer): tuple(sorted({int(h) for h in heads})) for layer, heads in (raw or {}).items() if heads}
+
+
+def heads_present(num_layers: int, num_heads: int, pruned: Mapping[Any, Sequence[int]] | None) -> tuple[np.ndarray, ...]:
+    """Per layer, the original ids of the heads the checkpoint holds, in the order its tensors hold them."""
+    gone = parse_pruned_heads(pruned)
+    return tuple(np.setdiff1d(np.arange(num_heads), gone.get(i, ())).astype(np.int64) for i in range(num_layers))
+
+
+def check_pruned_heads(config_path: Path, config: Mapping[str, Any]) -> None:
+    """`pruned_heads` must name layers and heads the config has, and leave every layer a head."""
+    raw = config.get("pruned_heads")
+    if raw is None or raw == {}:
+        return
+    what = "'pruned_heads'"
+    if not isinstance(raw, dict):
+        raise input_error(config_path, what, "an object {layer: [head, ...]}", type(raw).__name__)
+    layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    for key, value in raw.items():
+        layer = int(key) if isinstance(key, str) and key.isdigit() else None
+        if layer is None or layer >= layers:
+            raise input_error(config_path, f"{what} key {key!r}", f"a layer index 0..{layers - 1}", repr(key))
+        if not isinstance(value, list) or any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < heads for h in value):
+            raise input_error(config_path, f"{what}[{key!r}]", f"a list of head indices 0..{heads - 1}", repr(value)[:80])
+        if len(set(value)) == heads:
+            raise input_error(config_path, f"{what}[{key!r}]", f"at least one of the layer's {heads} heads left "
+                              "(an attention without heads cannot run, in transformers either)", f"all {heads} pruned")
+
+
+def loading_config(transformer_dir: Path, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Extra `from_pretrained` arguments for a checkpoint saved after prune_heads: its config without
+    `pruned_heads`, so every layer is built full width on both majors (4.x would prune at construction)."""
+    if not parse_pruned_heads(config.get("pruned_heads")):
+        return {}
+    from transformers import BertConfig
+
+    loaded = BertConfig.from_pretrained(str(transformer_dir), local_files_only=True)
+    loaded.pruned_heads = {}
+    return {"config": loaded}
+
+
+def load_pruned_attention(model: nn.Module, bert: nn.Module, weights: Path, pruned_heads: Mapping[Any, Sequence[int]] | None) -> set[str]:
+    """Give each layer in `pruned_heads` the checkpoint's narrower self-attention.
+
+    The model was built with every layer at num_attention_heads (`loading_config`), so those layers'
+    Q/K/V and attention output projection are full width (transformers reports them mismatched):
+    each is replaced by a Linear of the checkpoint's shape holding the checkpoint's tensors, with the
+    head bookkeeping transformers 4 keeps, and the config records `pruned_heads` again. Returns the
+    names (as in `model.state_dict()`) now loaded. A tensor whose shape does not follow from
+    `pruned_heads` is an error naming it.
+    """
+    from safetensors import safe_open
+
+    pruned = parse_pruned_heads(pruned_heads)
+    if not pruned:
+        return set()
+    config = bert.config
+    size = config.hidden_size // config.num_attention_heads
+    prefix = next(name + "." for name, module in model.named_modules() if module is bert) if model is not bert else ""
+    loaded: set[str] = set()
+    with safe_open(str(weights), framework="pt") as handle:
+        stored = set(handle.keys())
+
+        def checkpoint_tensor(name: str, shape: tuple[int, ...], why: str) -> torch.Tensor:
+            key = next((k for k in (name, "bert." + name, name.removeprefix("bert.")) if k in stored), None)
+            if key is None:
+                raise input_error(weights, f"tensor {name}", "in the checkpoint", "missing")
+            found = tuple(handle.get_slice(key).get_shape())
+            if found != shape:
+                raise input_error(weights, f"tensor {key}", f"shape {list(shape)} ({why})", list(found))
+            loaded.add(name)
+            return handle.get_tensor(key)
+
+        for layer, gone in pruned.items():
+            attention = bert.encoder.layer[layer].attention
+            heads = config.num_attention_heads - len(gone)
+            width, hidden = heads * size, config.hidden_size
+            why = f"config.json's pruned_heads leaves {heads} of {config.num_attention_heads} heads in layer {layer}"
+            path = f"{prefix}encoder.layer.{layer}.attention"
+            with torch.no_grad():
+                for name in ("query", "key", "value"):
+                    linear = nn.Linear(hidden, width)
+                    linear.weight.copy_(checkpoint_tensor(f"{path}.self.{name}.weight", (width, hidden), why))
+                    linear.bias.copy_(checkpoint_tensor(f"{path}.self.{name}.bias", (width,), why))
+                    setattr(attention.self, name, linear)
+                output = nn.Linear(width, hidden)
+                output.weight.copy_(checkpoint_tensor(f"{path}.output.dense.weight", (hidden, width), why))
+                output.bias.copy_(attention.output.dense.bias)  # hidden wide: transformers loaded it as usual
+                attention.output.dense = output
+            attention.self.num_attention_heads = heads  # transformers 4's forward reshapes with these
+            attention.self.all_head_size = width
+            attention.pruned_heads = set(gone)
+    config.pruned_heads = {layer: list(heads) for layer, heads in pruned.items()}
+    return loaded

@@ -1,4 +1,4 @@
-"""One target's folder in the bundle: lower, write, report placement, convert, check parity.
+"""Stage per target: one target's folder in the bundle: lower, write, report placement, convert, check parity.
 
 Order matters: placement is read from the .onnx files as written (an estimate needs the original
 graph, not an optimized copy); a strict target fails before parity if any node is off its EP;
@@ -8,15 +8,20 @@ on exactly what ships.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecompile.errors import PlacementError
+import onnx_ir as ir
+
 from edgecompile.check.parity import TargetParity, batches, check_target
 from edgecompile.check.placement import PlacementReport
-from edgecompile.progress import Progress
+from edgecompile.errors import PlacementError
+from edgecompile.inputs.tokens import Encoded
+from edgecompile.lowering.steps import GraphLowBit
 from edgecompile.lowering.targets import Target, target_to_dict
+from edgecompile.progress import Progress
 
 REQUIRED_OPERATORS = "required_operators.config"
 
@@ -28,12 +33,29 @@ class TargetOutcome:
     graph_bytes: dict[str, int]
 
 
-def calibration_feeds(target: Target, models: Any) -> dict[str, list]:
+@dataclass
+class GraphSet:
+    """What every target of a build lowers and checks: the target-independent graphs (router, dense, clusters),
+    the PyTorch reference outputs and the encoded samples they were computed on."""
+
+    graphs: dict[str, ir.Model]
+    reference: dict[str, Any]
+    student_samples: list[Encoded]
+    router_samples: list[Encoded]
+    lowbit: GraphLowBit = field(default_factory=GraphLowBit)
+    threads: int = 0
+
+
+# (target, lowered graphs, integer-lowered groups per graph) -> parity rows of the integer kernels
+IntegerCheck = Callable[[Target, dict[str, Any], dict[str, list]], list]
+
+
+def calibration_feeds(target: Target, graphs: GraphSet) -> dict[str, list]:
     if "quantize_qdq" not in target.steps:
         return {}
     return {
-        "student": [feed for _, feed in batches(models.student_samples, target)],
-        "router": [feed for _, feed in batches(models.router_samples, target)],
+        "student": [feed for _, feed in batches(graphs.student_samples, target)],
+        "router": [feed for _, feed in batches(graphs.router_samples, target)],
     }
 
 
@@ -56,24 +78,16 @@ def placement_failure(target: Target, reports: list[PlacementReport]) -> Placeme
     return PlacementError("\n".join(lines))
 
 
-def build_target(
-    target: Target,
-    root: Path,
-    graphs: dict[str, Any],
-    models: Any,
-    reference: dict[str, Any],
-    lowbit: Any,
-    integer_check: Any,
-    threads: int,
-    progress: Progress,
-) -> TargetOutcome:
+def build_target(target: Target, root: Path, job: GraphSet, progress: Progress, integer_check: IntegerCheck | None = None) -> TargetOutcome:
+    """An encoder target's folder under `root`, its parity checked on exactly the files written."""
+    from edgecompile.bundle.layout import epcontext_file, graph_file
     from edgecompile.bundle.store import WEIGHTS, graph_signature, write_graphs
     from edgecompile.lowering.steps import lower_for_target
 
     folder = root / target.name
     with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
         lowered, lowering = lower_for_target(
-            graphs, target, lowbit, calibration_feeds(target, models),
+            job.graphs, target, job.lowbit, calibration_feeds(target, job),
             progress=progress.note if "quantize_qdq" in target.steps else None,
         )
     runtime = check_runtime_floor(target, lowered)
@@ -95,11 +109,11 @@ def build_target(
 
         with progress.step(f"compiling EPContext models for '{target.name}'"):
             for name in lowered:
-                source, cached = folder / f"{name}.onnx", folder / f"{name}.ctx.onnx"
+                source, cached = folder / f"{name}.onnx", root / epcontext_file(target.name, name)
                 compile_epcontext(source, cached, target)
-                samples = models.router_samples if name == "router" else models.student_samples
+                samples = job.router_samples if name == "router" else job.student_samples
                 check_same_outputs(source, cached, target, next(batches(samples[:1], target))[1])
-                epcontext[name] = f"{target.name}/{name}.ctx.onnx"
+                epcontext[name] = epcontext_file(target.name, name)
     extension = "onnx"
     digests: dict[str, str] = {}
     if target.format == "ort":
@@ -116,9 +130,9 @@ def build_target(
             extension = "ort"
     lowbit_graphs = sorted(lowbit_groups)
     with progress.step(f"parity on '{target.name}' ({target.parity_provider})"):
-        paths = {name: folder / f"{name}.{extension}" for name in lowered}
+        paths = {name: root / graph_file(target.name, name, decoder=False, extension=extension) for name in lowered}
         result = check_target(
-            target, paths, reference, models.student_samples, models.router_samples, threads,
+            target, paths, job.reference, job.student_samples, job.router_samples, job.threads,
             progress=lambda graph: progress.note(f"running {graph}"), lowbit_graphs=frozenset(lowbit_graphs),
         )
         result.rows += integer_rows
@@ -137,7 +151,7 @@ def build_target(
         "definition": target.source.name,
         "target": target_to_dict(target),
         "graphs": {
-            name: {"file": f"{target.name}/{name}.{extension}", **graph_signature(model),
+            name: {"file": graph_file(target.name, name, decoder=False, extension=extension), **graph_signature(model),
                    **({"content_digest": digests[name]} if name in digests else {}),
                    **({"epcontext": epcontext[name]} if name in epcontext else {})}
             for name, model in lowered.items()
@@ -145,7 +159,7 @@ def build_target(
         "placement": {p.graph: p.to_dict() for p in placements},
         # graphs with quantized activations: end to end under the target's lowbit_* tolerances
         "lowbit_graphs": lowbit_graphs,
-        "lowering": {name: _public(report) for name, report in lowering.items()},
+        "lowering": {name: public_report(report) for name, report in lowering.items()},
         **({"required_operators": f"{target.name}/{REQUIRED_OPERATORS}"} if target.format == "ort" else {}),
     }
     return TargetOutcome(entry, result, graph_bytes)
@@ -166,7 +180,7 @@ def check_runtime_floor(target: Target, lowered: dict[str, Any]) -> dict[str, An
             "files_need_onnxruntime": needed}
 
 
-def _public(report: dict[str, Any]) -> dict[str, Any]:
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
     """A lowering report without the internal value names the parity check uses."""
     report = dict(report)
     if "lowbit" in report and "linear_groups" in report["lowbit"]:
