@@ -135,7 +135,7 @@ def _pip(verb: str, requirement: str, *args: str) -> None:
     """`python -m pip VERB ... REQUIREMENT` with this interpreter; a failure is one line."""
     command = [sys.executable, "-m", "pip", verb, "--quiet", *args, requirement]
     with _step(f"pip {verb} {requirement}"):
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         importlib.invalidate_caches()
         if result.returncode != 0:
             lines = [line for line in (result.stderr + result.stdout).splitlines()
@@ -530,7 +530,7 @@ def check_weights(gguf_path: Path, folder: Path, meta: dict[str, Any]) -> dict[s
     saved: dict[str, tuple[Path, str]] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, "np") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 base, _, suffix = key.rpartition(".")
                 gguf_name = name_map.get_name(base)
                 if gguf_name is None:
