@@ -78,13 +78,16 @@ def cli() -> None:
 @click.option("--out", required=True, type=_existing(), help="Bundle folder to create (must not exist unless --force).")
 @click.option("--target", "targets", multiple=True, default=("cpu",), show_default=True, help="Target name or path to a target .toml; repeat for several targets.")
 @click.option("--samples", type=_existing(), default=None, help="UTF-8 text file, one input per line, for the parity check [default: built-in set].")
+@click.option("--weights", type=click.Choice(["fp32", "int8", "int4"]), default=None,
+              help="Decoders: Linear weights after pruning, block-quantized as onnxruntime-genai's builder does (MatMulNBits) "
+                   "[default: each target's own, fp32 for cpu].")
 @click.option("--chat-samples", is_flag=True, help="Decoders: each sample is a user turn of the student's chat template (as run --chat renders it).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"onnxruntime intra-op threads for parity (0 = all cores; at most {CORES}).")
 @click.option("--keep-failed", is_flag=True, help="On a parity or placement failure, keep the graphs in <out>.failed/ to inspect.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the parity table.")
 def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: int | None, out: Path, targets: tuple[str, ...], samples: Path | None,
-          chat_samples: bool, force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
+          weights: str | None, chat_samples: bool, force: bool, threads: int, keep_failed: bool, quiet: bool) -> None:
     """Export STUDENT_DIR once, rewrite one graph per cluster, build the router, prove parity, write the bundle.
 
     Exit code 0 means the bundle at --out is complete and passed parity on every target; any other exit
@@ -97,7 +100,7 @@ def build(student_dir: Path, masks: Path, router_encoder: Path, router_layers: i
 
     progress = Progress(quiet=quiet)
     request = BuildRequest(student_dir, masks, router_encoder, out, list(targets), samples, force, threads, keep_failed,
-                           router_layers, chat_samples)
+                           router_layers, chat_samples, weights)
     result = run_build(request, progress)
     if interrupt.requested():  # the signal came after the commit: say what is true on disk
         click.echo(f"note: interrupted after the bundle was written: {result.out} is complete and passed parity", err=True)
@@ -319,7 +322,8 @@ def targets() -> None:
         target = load_target_file(path)
         shapes = "dynamic" if target.dynamic_shapes else f"fixed {target.batch}x{target.sequence}"
         where = "runs here" if target.runs_here else "not runnable here (estimated placement, CPU parity)"
-        click.echo(f"{name:<14} {target.provider:<28} {target.precision:<5} {shapes:<14} {target.format:<5} "
+        precision = target.linear_weights.tag if target.linear_weights.quantizes else target.precision
+        click.echo(f"{name:<14} {target.provider:<28} {precision:<5} {shapes:<14} {target.format:<5} "
                    f"onnxruntime >= {target.min_onnxruntime:<5} {where}\n{'':<14} {target.description}  [{path}]")
 
 

@@ -150,36 +150,118 @@ def compile_decoder_graphs(inputs: ValidatedInputs, models: DecoderModels,
     return graphs, entries, router_entry(inputs.router, masks, parameter_count(router), len(router.graph))
 
 
-def reference_outputs(inputs: ValidatedInputs, models: DecoderModels, progress: Progress) -> dict[str, dict[str, list[np.ndarray]]]:
-    """Per graph and prompt: prefill logits and greedy tokens of transformers' model with the cluster's gates."""
+def graph_outputs(model: Any, extra_heads: list, prompts: list[list[int]], eos: frozenset[int]) -> dict[str, list[np.ndarray]]:
+    """One graph's reference (transformers' model with the gates as set): per prompt, every head's prefill logits,
+    and greedy tokens with the top logits of each step (to judge near-ties of quantized graphs)."""
     from edgecompile.check.generation import reference_greedy
     from edgecompile.families.mtp import head_logits
+
+    heads = ["logits"] + [f"logits_{j + 1}" for j in range(len(extra_heads))]
+    outputs: dict[str, list[np.ndarray]] = {f"prefill_{head}": [] for head in heads}
+    outputs.update(greedy_tokens=[], greedy_top_values=[], greedy_top_ids=[])
+    for prompt in prompts:
+        logits, generated, top_values, top_ids = reference_greedy(model, prompt, NEW_TOKENS, eos)
+        outputs["greedy_top_values"].append(top_values)
+        outputs["greedy_top_ids"].append(top_ids)
+        every_head = head_logits(model, extra_heads, prompt) if extra_heads else [logits]
+        for head, value in zip(heads, every_head):
+            outputs[f"prefill_{head}"].append(value)
+        outputs["greedy_tokens"].append(np.array(generated, np.int64))
+    return outputs
+
+
+def clusters_by_graph(inputs: ValidatedInputs) -> dict[str, Any]:
+    """graph name -> its masks, dense first (keeping everything)."""
+    masks = inputs.masks
+    return {"dense": all_kept(masks.clusters[0]), **{f"cluster_{c.index}": c for c in masks.clusters}}
+
+
+def reference_outputs(inputs: ValidatedInputs, models: DecoderModels, progress: Progress) -> dict[str, dict[str, list[np.ndarray]]]:
+    """Per graph and prompt: prefill logits and greedy tokens of transformers' model with the cluster's gates."""
     from edgecompile.reference.evaluate import router_outputs
 
-    masks = inputs.masks
     result: dict[str, dict[str, list[np.ndarray]]] = {}
     gates = models.family.gates(models.reference, models.dims)
     try:
-        for cluster in (all_kept(masks.clusters[0]),) + masks.clusters:
-            name = "dense" if cluster.index < 0 else f"cluster_{cluster.index}"
+        for name, cluster in clusters_by_graph(inputs).items():
             progress.note(f"{name}: {len(models.prompts)} prompts, {NEW_TOKENS} greedy tokens each")
             gates.set(cluster)
-            heads = ["logits"] + [f"logits_{j + 1}" for j in range(len(models.extra_heads))]
-            outputs: dict[str, list[np.ndarray]] = {f"prefill_{head}": [] for head in heads}
-            outputs.update(greedy_tokens=[], greedy_top_values=[], greedy_top_ids=[])
-            for prompt in models.prompts:
-                logits, generated, top_values, top_ids = reference_greedy(models.reference, prompt, NEW_TOKENS, models.eos)
-                outputs["greedy_top_values"].append(top_values)
-                outputs["greedy_top_ids"].append(top_ids)
-                every_head = head_logits(models.reference, models.extra_heads, prompt) if models.extra_heads else [logits]
-                for head, value in zip(heads, every_head):
-                    outputs[f"prefill_{head}"].append(value)
-                outputs["greedy_tokens"].append(np.array(generated, np.int64))
-            result[name] = outputs
+            result[name] = graph_outputs(models.reference, models.extra_heads, models.prompts, models.eos)
     finally:
         gates.remove()
     result["router"] = router_outputs(models.router.module, models.router.samples)
     return result
+
+
+def set_linear_weights(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Write Hugging Face named weights into `model` in place (through the gate wrappers reference/masks.py installs)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, array in tensors.items():
+            path = name.removesuffix(".weight")
+            module = modules.get(path) or modules[f"{path}.linear"]  # GatedLinear keeps the Linear as .linear
+            module = getattr(module, "linear", module)
+            module.weight.copy_(torch.from_numpy(array))
+
+
+def quantized_reference(inputs: ValidatedInputs, models: DecoderModels, lowered: dict[str, Any],
+                        progress: Progress) -> dict[str, dict[str, list[np.ndarray]]]:
+    """The reference of graphs whose weights a target quantized: transformers' model with the weights each graph reads
+    (dequantized, families/decoder.py `reference_weights`) under the cluster's gates, without activation quantizers
+    (the kernels quantize activations themselves, per block: that is the contract's tolerance)."""
+    from edgecompile.families.mtp import load_extra_heads
+    from edgecompile.passes.quantize_weights import graph_weights
+    from edgecompile.reference.lowbit_plan import materialize
+
+    family, dims = models.family, models.dims
+    model = family.load_reference(inputs.student.transformer_dir)
+    if models.lowbit and not models.lowbit.empty:
+        materialize(model, models.lowbit)  # binary / ternary weights as codes * alpha, as the graphs hold them
+    gates = family.gates(model, dims)
+    result = {}
+    try:
+        for name, cluster in clusters_by_graph(inputs).items():
+            progress.note(f"{name}: the reference with the graph's dequantized weights")
+            tensors = family.reference_weights(dims, models.weights, graph_weights(lowered[name]), None if name == "dense" else cluster)
+            set_linear_weights(model, {k: v for k, v in tensors.items() if not k.startswith("extra_heads.")})
+            gates.set(cluster)
+            extra = load_extra_heads(family, model, {**models.weights, **tensors}, dims.extra_heads)
+            result[name] = graph_outputs(model, extra, models.prompts, models.eos)
+    finally:
+        gates.remove()
+    return result
+
+
+def quantization_cost(dense: Any, fp32_model: Any, prompts: list[list[int]], fp32_tokens: list[np.ndarray]) -> dict[str, float]:
+    """What quantizing costs, on the samples: perplexity of the fp32 model's own greedy continuations under it and under
+    the quantized dense graph (onnxruntime), and the share of the graph's greedy tokens equal to the fp32 model's."""
+    import torch
+
+    from edgecompile.runtime.decode import empty_cache, greedy
+
+    losses = {"fp32": [], "quantized": []}
+    agree = total = 0
+    for prompt, tokens in zip(prompts, fp32_tokens):
+        sequence = list(prompt) + [int(t) for t in tokens]
+        targets = np.array(sequence[len(prompt):])
+        ids = np.array([sequence], np.int64)
+        onnx = dense.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(dense)})[0][0]
+        with torch.no_grad():
+            reference = fp32_model(torch.from_numpy(ids)).logits[0].numpy()
+        for key, logits in (("fp32", reference), ("quantized", onnx)):
+            scores = logits[len(prompt) - 1:-1].astype(np.float64)
+            scores -= scores.max(axis=-1, keepdims=True)
+            log_probs = scores - np.log(np.exp(scores).sum(axis=-1, keepdims=True))
+            losses[key] += list(-log_probs[np.arange(targets.size), targets])
+        got = greedy(dense, prompt, len(tokens)).tokens
+        agree += sum(int(a == b) for a, b in zip(got, tokens))
+        total += len(tokens)
+    return {"perplexity_fp32": round(float(np.exp(np.mean(losses["fp32"]))), 4),
+            "perplexity_quantized": round(float(np.exp(np.mean(losses["quantized"]))), 4),
+            "greedy_token_agreement": round(agree / total, 4) if total else 1.0,
+            "on": f"{len(prompts)} sample prompts, the fp32 model's {NEW_TOKENS} greedy tokens each"}
 
 
 class DecoderPipeline:
@@ -189,7 +271,6 @@ class DecoderPipeline:
         self.request, self.inputs, self.progress = request, inputs, progress
 
     def prepare(self) -> None:
-        from edgecompile.bundle.decoder_folders import genai_config
         from edgecompile.bundle.manifest import decoder_student
 
         inputs, progress = self.inputs, self.progress
@@ -201,13 +282,19 @@ class DecoderPipeline:
             self.reference = reference_outputs(inputs, models, progress)
         # the manifest's student section, from which all of genai_config.json is made (and regenerated by verify)
         self.student = decoder_student(inputs.student, models.family, models.dims, models.eos)
-        self.genai_config = genai_config(self.student)
         self.student_tokenizer_files = inputs.student.tokenizer_files()
+
+    @property
+    def stored_reference(self) -> dict[str, Any]:
+        """The reference for `verify`: prefill logits at each prompt's last position only (a whole prompt's logits over a
+        vocabulary of 50-260k weigh more than the graphs), greedy tokens and their top logits whole."""
+        return {graph: {output: [a[-1:] for a in arrays] if output.startswith("prefill_") else arrays
+                        for output, arrays in outputs.items()} for graph, outputs in self.reference.items()}
 
     def build_target(self, target: Target, root: Path) -> TargetOutcome:
         """One target's folder: lower, write (router + onnxruntime-genai folder), placement, parity."""
         from edgecompile.build.targets import check_runtime_floor, placement_of, public_report
-        from edgecompile.bundle.decoder_folders import write_decoder_folder
+        from edgecompile.bundle.decoder_folders import genai_config, write_decoder_folder
         from edgecompile.bundle.layout import genai_folder, genai_overlay, graph_file
         from edgecompile.bundle.store import graph_signature
         from edgecompile.check.decoder_parity import DecoderFiles, DecoderSamples, check_decoder_target
@@ -220,9 +307,19 @@ class DecoderPipeline:
             lowbit = GraphLowBit.from_plan(models.lowbit, prefix="") if models.lowbit else None
             lowered, lowering = lower_for_target(self.graphs, target, lowbit)
         lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
+        quantized = sorted(n for n, r in lowering.items() if r.get("weights", {}).get("quantized") or r.get("weights", {}).get("exact_2bit"))
+        reference, cost = self.reference, None
+        if quantized:
+            tag = target.linear_weights.tag
+            if f"dense~{tag}" not in self.reference:  # once per weight format: targets sharing one share the reference
+                with progress.step(f"PyTorch reference with the dequantized weights of '{target.name}' ({tag})"):
+                    for name, outputs in quantized_reference(self.inputs, models, lowered, progress).items():
+                        self.reference[f"{name}~{tag}"] = outputs
+            reference = {**self.reference, **{name: self.reference[f"{name}~{tag}"] for name in lowered if name != "router"}}
         runtime = check_runtime_floor(target, lowered)
         with progress.step(f"writing the router and the onnxruntime-genai folder for target '{target.name}'"):
-            needs = write_decoder_folder(folder, lowered, list(self.student_tokenizer_files), self.genai_config)
+            config = genai_config(self.student, target.linear_weights.session_config())
+            needs = write_decoder_folder(folder, lowered, list(self.student_tokenizer_files), config)
         files = {name: graph_file(target.name, name, decoder=True) for name in lowered}
         paths = {name: root / file for name, file in files.items()}
         with progress.step(f"placement on '{target.name}' ({target.placement_checker})"):
@@ -230,12 +327,20 @@ class DecoderPipeline:
         with progress.step(f"parity on '{target.name}' (prefill logits; greedy tokens via onnxruntime and onnxruntime-genai)"):
             speculation: dict[str, dict[str, float]] = {}
             result = check_decoder_target(
-                target, DecoderFiles(paths, root / genai_folder(target.name), frozenset(lowbit_graphs)),
-                DecoderSamples(self.reference, models.prompts, models.router.samples, models.eos, NEW_TOKENS, self.request.threads),
+                target, DecoderFiles(paths, root / genai_folder(target.name), frozenset(lowbit_graphs), frozenset(quantized)),
+                DecoderSamples(reference, models.prompts, models.router.samples, models.eos, NEW_TOKENS, self.request.threads),
                 progress=lambda graph: progress.note(f"running {graph}"), speculation=speculation)
             for graph, stats in speculation.items():
                 progress.note(f"{graph}: speculative decoding on the parity prompts: acceptance {stats['acceptance_rate']:.2f}, "
                               f"{stats['tokens_per_pass']:.2f} tokens per forward pass")
+        if quantized and "dense" in quantized:
+            from edgecompile.runtime.sessions import create_session
+
+            cost = quantization_cost(create_session(paths["dense"], target, self.request.threads), models.reference,
+                                     models.prompts, self.reference["dense"]["greedy_tokens"])
+            progress.note(f"what quantizing costs ({tag}, dense graph vs the fp32 model, {cost['on']}): perplexity "
+                          f"{cost['perplexity_fp32']:.3f} -> {cost['perplexity_quantized']:.3f}, greedy tokens agreeing "
+                          f"{cost['greedy_token_agreement']:.1%}")
         entry = {
             "provider": target.provider,
             "parity_executed_on": f"{target.provider}, executed on this machine (onnxruntime and onnxruntime-genai)",
@@ -247,6 +352,7 @@ class DecoderPipeline:
                               **graph_signature(model)} for name, model in lowered.items()},
             "placement": {p.graph: p.to_dict() for p in placements},
             "lowbit_graphs": lowbit_graphs,
+            **({"quantized_graphs": quantized, "reference": f"~{tag}", "quantization_cost": cost} if quantized else {}),
             "lowering": {name: public_report(report) for name, report in lowering.items()},
             **({"speculative_on_parity_prompts": speculation} if speculation else {}),
         }

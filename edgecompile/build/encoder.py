@@ -154,6 +154,10 @@ class EncoderPipeline:
         self.job = GraphSet(self.compiled.graphs, reference, models.samples, models.router.samples,
                             GraphLowBit.from_plan(models.lowbit), self.request.threads)
 
+    @property
+    def stored_reference(self) -> dict[str, Any]:
+        return self.reference
+
     def integer_check(self, target: Target, lowered: dict[str, Any], groups: dict[str, list]) -> list:
         """Teacher-forced exactness of every integer-lowered low-bit Linear group (see check/integer_parity.py)."""
         from edgecompile.check.integer_parity import IntegerReference, check_integer_linears

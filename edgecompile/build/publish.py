@@ -29,7 +29,8 @@ class Written:
 class Pipeline(Protocol):
     """An encoder or decoder pipeline (build/encoder.py, build/decoder.py) once `prepare`d."""
 
-    reference: dict[str, Any]
+    reference: dict[str, Any]  # what parity compares with
+    stored_reference: dict[str, Any]  # what the bundle keeps of it, for `verify`
     student_tokenizer_files: tuple[Path, ...]
 
     def build_target(self, target: Target, root: Path) -> TargetOutcome: ...
@@ -68,7 +69,7 @@ def publish(request: BuildRequest, inputs: ValidatedInputs, progress: Progress, 
 
         with progress.step("writing tokenizers, reference outputs, reports and manifest"):
             router_tokenizer = write_tokenizers(root, pipeline.student_tokenizer_files, inputs.router.tokenizer_files())
-            save_reference(root, inputs.samples.texts, pipeline.reference)
+            save_reference(root, inputs.samples.texts, pipeline.stored_reference)
             write_json(root / "parity.json", parity_json(results, {t.name: t for t in inputs.targets}))
             (root / "parity.md").write_text(parity_markdown(table, inputs.targets, target_entries), encoding="utf-8")
             written = Written(target_entries, graph_bytes, file_table(root), {"student": STUDENT_TOKENIZER, "router": router_tokenizer},

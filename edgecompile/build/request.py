@@ -26,6 +26,7 @@ class BuildRequest:
     keep_failed: bool = False  # on a parity / placement miss, keep the staging folder as <out>.failed
     router_layers: int | None = None  # use only the router encoder's first n layers
     chat_samples: bool = False  # decoders: each sample is a user turn of the student's chat template
+    weights: str | None = None  # "fp32" | "int8" | "int4": every target's [weights] format, instead of its own
 
 
 @dataclass

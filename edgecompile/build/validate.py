@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
     from edgecompile.bundle.staging import check_out_dir, check_out_parent
 
     targets = tuple(load_target(name) for name in dict.fromkeys(request.targets))
+    if request.weights is not None:  # the build option: one weight format for every target
+        targets = tuple(replace(t, linear_weights=replace(t.linear_weights, format=request.weights)) for t in targets)
     names = [t.name for t in targets]
     for name in names:
         if names.count(name) > 1:
@@ -37,6 +40,15 @@ def validate_inputs(request: BuildRequest) -> ValidatedInputs:
                           "tokenizer cannot stand in for the student's)", "none")
     masks = load_masks(Path(request.masks), student, router.embedding_dim)
     checked = check_masks_router(masks.path, masks.router_identity, router)
+    quantizing = [t.name for t in targets if t.linear_weights.quantizes]
+    for target in targets:
+        if target.linear_weights.quantizes and "quantize_weights" not in target.steps:
+            raise input_error(target.source, "key 'lowering.steps'", f"'quantize_weights' (its weights are "
+                              f"{target.linear_weights.tag})", ", ".join(target.steps) or "none")
+    if quantizing and not student.is_decoder:
+        raise input_error("--weights" if request.weights else f"--target {quantizing[0]}", "weights",
+                          "fp32 for encoder students (block-quantized weights are for decoders)",
+                          f"{targets[0].linear_weights.format if request.weights else 'quantized in its [weights] table'}")
     if request.chat_samples and not student.is_decoder:
         raise input_error("--chat-samples", "student", "a decoder language model (chat templates are theirs)",
                           f"{student.architecture}")

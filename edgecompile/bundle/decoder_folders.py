@@ -49,9 +49,10 @@ def write_decoder_folder(folder: Path, graphs: dict[str, ir.Model], tokenizer_fi
     return {name.removesuffix(".onnx"): size for name, size in needs.items()}
 
 
-def genai_config(student: dict[str, Any]) -> dict[str, Any]:
+def genai_config(student: dict[str, Any], session_config: dict[str, str] | None = None) -> dict[str, Any]:
     """onnxruntime-genai's config for a decoder folder, in the form its own model builder writes, from the manifest's
-    student section alone (GENAI_KEYS): `build` writes it, `verify` regenerates it and refuses any other file.
+    student section (GENAI_KEYS) and the session config entries the target's files need (its [weights] table, as this
+    edgecompile defines the target): `build` writes it, `verify` regenerates it and refuses any other file.
 
     Layer and head counts are the checkpoint's: onnxruntime-genai reads which KV inputs a graph has
     and each one's head count from the graph itself (so clusters need no config of their own).
@@ -62,7 +63,8 @@ def genai_config(student: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": student["bos_token_id"],
         "context_length": student["max_seq_length"],
         "decoder": {
-            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            # onnxruntime-genai passes unknown string keys of session_options to AddConfigEntry (0.18)
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": [], **(session_config or {})},
             "filename": f"{DEFAULT_GRAPH}.onnx",
             "head_size": student["head_size"],
             "hidden_size": student["hidden_size"],
@@ -89,7 +91,7 @@ def genai_config(student: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_genai_config(root: Path, manifest: dict[str, Any], target: str) -> None:
+def check_genai_config(root: Path, manifest: dict[str, Any], target: str, session_config: dict[str, str] | None = None) -> None:
     """The decoder folder's genai_config.json must be exactly what `build` writes for this manifest.
 
     onnxruntime-genai acts on that file (it loads a `custom_ops_library` it names, opens the files it names,
@@ -103,7 +105,7 @@ def check_genai_config(root: Path, manifest: dict[str, Any], target: str) -> Non
         raise BundleError(f"{root / MANIFEST}: student.{missing[0]}: expected it (edgecompile writes it for decoder bundles "
                           "and regenerates genai_config.json from it), found it missing; rebuild the bundle")
     try:
-        expected = genai_config(student)
+        expected = genai_config(student, session_config)
     except (TypeError, ValueError, KeyError) as exc:
         raise BundleError(f"{root / MANIFEST}: student: expected the values edgecompile writes, found ones genai_config.json "
                           f"cannot be made from ({type(exc).__name__}: {one_line(exc)})") from None

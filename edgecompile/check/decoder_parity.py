@@ -17,7 +17,7 @@ import numpy as np
 
 from edgecompile.check.generation import compare_tokens, first_difference
 from edgecompile.runtime.genai import genai_greedy, genai_model
-from edgecompile.check.parity import TargetParity, compare, compare_router, is_near_tie, run_graph
+from edgecompile.check.parity import TargetParity, compare, compare_router, is_near_tie, run_graph, tolerances
 from edgecompile.runtime.decode import empty_cache, greedy
 from edgecompile.runtime.sessions import create_session
 from edgecompile.runtime.speculative import extra_head_outputs, speculative_greedy
@@ -31,6 +31,10 @@ class DecoderFiles:
     paths: dict[str, Path]
     genai_folder: Path
     lowbit_graphs: frozenset[str] = frozenset()
+    quantized_graphs: frozenset[str] = frozenset()  # block-quantized weights: their own tolerances, near-ties allowed
+
+    def contract(self, graph: str) -> str:
+        return "quantized" if graph in self.quantized_graphs else "lowbit" if graph in self.lowbit_graphs else "exact"
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSampl
 
     `speculation`, when given, receives per graph with extra heads its acceptance rate and tokens per pass.
     """
-    paths, genai_folder, lowbit_graphs = files.paths, files.genai_folder, files.lowbit_graphs
+    paths, genai_folder = files.paths, files.genai_folder
     reference, prompts, router_samples = samples.reference, samples.prompts, samples.router_samples
     eos, new_tokens, threads = samples.eos, samples.new_tokens, samples.threads
     graphs = list(paths)
@@ -67,17 +71,18 @@ def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSampl
             continue
         session = create_session(paths[graph], target, threads)
         heads = ["logits"] + extra_head_outputs(session)
-        prefill: dict[str, list[np.ndarray]] = {head: [] for head in heads}
-        for prompt in prompts:
-            ids = np.array([prompt], np.int64)
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)}
-            for head, value in zip(heads, session.run(heads, feed)):
-                prefill[head].append(value[0])
+        if files.contract(graph) == "quantized":  # the lowering itself is exact: its float-activation twin shows it
+            twin = prefill_logits(exact_activation_twin(paths[graph], target, threads), heads, prompts)
+            rows += [compare(target, graph, f"prefill_{head} (weights exact: accuracy level 0)", reference[graph]["prefill_" + head],
+                             last_positions(twin[head], reference[graph]["prefill_" + head])) for head in heads]
+        prefill = prefill_logits(session, heads, prompts)
         for head in heads:
             output = "prefill_" + head
-            rows.append(compare(target, graph, output, reference[graph][output], prefill[head], graph in lowbit_graphs))
+            rows.append(compare(target, graph, output, reference[graph][output], last_positions(prefill[head], reference[graph][output]),
+                                files.contract(graph)))
         refs = [list(map(int, t)) for t in reference[graph]["greedy_tokens"]]
-        lowbit = graph in lowbit_graphs
+        lowbit = files.contract(graph) != "exact"
+        tie_tolerance = tolerances(target, files.contract(graph))[0]
         runs = [greedy(session, p, new_tokens, eos, keep_logits=lowbit) for p in prompts]
         tokens_ort[graph] = [r.tokens for r in runs]
         ties = None
@@ -87,7 +92,7 @@ def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSampl
                 step = first_difference(ref, run.tokens)
                 ties.append(step < min(len(ref), len(run.tokens)) and is_near_tie(
                     run.step_logits[step], reference[graph]["greedy_top_values"][s][step].astype(np.float64),
-                    reference[graph]["greedy_top_ids"][s][step], run.tokens[step], target.parity.lowbit_max_relative_error))
+                    reference[graph]["greedy_top_ids"][s][step], run.tokens[step], tie_tolerance))
         rows.append(compare_tokens(target.name, graph, "onnxruntime", refs, tokens_ort[graph], ties))
         cluster_ties[graph] = ties or [False] * len(prompts)
         if len(heads) > 1:  # exact against this graph's own greedy tokens (which match the reference above)
@@ -115,3 +120,43 @@ def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSampl
         ties = [same and cluster_ties[f"cluster_{k}"][s] for s, (k, same) in enumerate(zip(picked, same_cluster))]
         rows.append(compare_tokens(target.name, "end-to-end", "routed, onnxruntime", refs, gots, ties))
     return TargetParity(target.name, rows)
+
+
+def prefill_logits(session: Any, heads: list[str], prompts: list[list[int]]) -> dict[str, list[np.ndarray]]:
+    """Every head's logits over each whole prompt, in one forward pass from an empty KV cache."""
+    prefill: dict[str, list[np.ndarray]] = {head: [] for head in heads}
+    for prompt in prompts:
+        ids = np.array([prompt], np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)}
+        for head, value in zip(heads, session.run(heads, feed)):
+            prefill[head].append(value[0])
+    return prefill
+
+
+def exact_activation_twin(path: Path, target: Any, threads: int) -> Any:
+    """The graph at `path` with every MatMulNBits at accuracy level 0 (float activations), in memory: what its weights
+    compute exactly, before the shipped kernels quantize activations per block."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgecompile.errors import GraphLoadError, one_line
+    from edgecompile.runtime.sessions import configure, session_options
+
+    model = onnx.load(str(path))  # external data beside it, read into memory: nothing is written
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.i = 0
+    options = session_options(threads)
+    providers = configure(options, target, strict=False)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    except Exception as exc:
+        raise GraphLoadError(f"{path}: onnxruntime could not load its accuracy-level-0 twin ({one_line(exc)})") from None
+
+
+def last_positions(logits: list[np.ndarray], reference: list[np.ndarray]) -> list[np.ndarray]:
+    """Each prompt's logits at the positions its reference holds: every one at build time, the last in a bundle
+    (reference/outputs.safetensors keeps the last position's: the whole prompt's would outweigh the graphs)."""
+    return [got[-ref.shape[0]:] for got, ref in zip(logits, reference)]

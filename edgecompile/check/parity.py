@@ -74,10 +74,27 @@ def is_near_tie(got: np.ndarray, ref_values: np.ndarray, ref_ids: np.ndarray, fo
     return float(ref_values[0] - ref_values[j]) <= float(errors[0] + errors[j])
 
 
-def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], gots: list[np.ndarray], lowbit: bool = False) -> Comparison:
+CONTRACTS = ("exact", "lowbit", "quantized")  # fp32 rewrites; quantized activations (XTC); block-quantized weights
+
+
+def tolerances(target: Target, contract: str) -> tuple[float, float]:
+    """(max relative error, min cosine) of a contract on this target."""
     tol = target.parity
-    max_relative_error = tol.lowbit_max_relative_error if lowbit else tol.max_relative_error
-    min_cosine = tol.lowbit_min_cosine if lowbit else tol.min_cosine
+    if contract == "quantized":
+        return tol.quantized_max_relative_error, tol.quantized_min_cosine
+    if contract == "lowbit":
+        return tol.lowbit_max_relative_error, tol.lowbit_min_cosine
+    return tol.max_relative_error, tol.min_cosine
+
+
+def compare(target: Target, graph: str, output: str, refs: list[np.ndarray], gots: list[np.ndarray],
+            lowbit: bool | str = False) -> Comparison:
+    """`lowbit`: False / "exact", True / "lowbit" (quantized activations), or "quantized" (block-quantized weights):
+    which of the target's tolerances apply, and whether an argmax disagreement may be a near-tie."""
+    tol = target.parity
+    contract = {False: "exact", True: "lowbit"}.get(lowbit, lowbit) if isinstance(lowbit, bool) else lowbit
+    lowbit = contract != "exact"
+    max_relative_error, min_cosine = tolerances(target, contract)
     abs_errors, rel_errors, cosines, agree, ties = [], [], [], [], []
     non_finite = sum(int(not np.isfinite(got).all()) for got in gots)
     for ref, got in zip(refs, gots):

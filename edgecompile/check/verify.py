@@ -13,6 +13,7 @@ Any inconsistency between manifest, samples, reference outputs and graphs is one
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
     student = bundle.manifest["student"]
     described = {c["graph"]: c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]]}
     for name, entry in entries.items():
-        check_genai_config(bundle.root, bundle.manifest, name)
+        check_genai_config(bundle.root, bundle.manifest, name, definitions[name].linear_weights.session_config())
         for graph, path in paths[name].items():
             if graph != "router":
                 check_kv_cache(bundle.root / MANIFEST, described.get(graph, {"graph": graph}), check_graph_file(path))
@@ -158,9 +159,19 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
                              int(bundle.manifest["generation"]["parity_new_tokens"]), threads)
     results = []
     for name, entry in entries.items():
-        files = DecoderFiles(paths[name], bundle.file(genai_folder(name)), frozenset(entry.get("lowbit_graphs", [])))
+        weights = definitions[name].linear_weights  # as recorded, checked to be a format a target can have
+        quantized = frozenset(g for g in entry["graphs"] if g != "router") if weights.quantizes else frozenset()
+        graph_reference = reference
+        if quantized:  # the graphs' own reference: transformers with their dequantized weights, stored as <graph>~<format>
+            missing = [g for g in sorted(quantized) if not reference.get(f"{g}~{weights.tag}")]
+            if missing:
+                raise BundleError(f"{bundle.root / REFERENCE_OUTPUTS}: expected the reference of target '{name}''s "
+                                  f"{weights.tag} weights for every graph, found none for {missing[0]}~{weights.tag}")
+            graph_reference = {**reference, **{g: reference[f"{g}~{weights.tag}"] for g in quantized}}
+        files = DecoderFiles(paths[name], bundle.file(genai_folder(name)), frozenset(entry.get("lowbit_graphs", [])), quantized)
+        graph_samples = replace(samples, reference=graph_reference)
         try:
-            results.append(check_decoder_target(definitions[name], files, samples, progress))
+            results.append(check_decoder_target(definitions[name], files, graph_samples, progress))
         except GraphLoadError as exc:
             raise BundleError(str(exc)) from None
         except (InputError, KeyError, IndexError, ValueError, TypeError) as exc:  # the bundle's data disagree with its graphs

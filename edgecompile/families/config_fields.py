@@ -40,3 +40,15 @@ def undefined_fields(config: dict[str, Any], config_class: type, known: set[str]
     """Fields of `config` that neither the family's rules (`known`) nor transformers' `config_class` define."""
     defined = defined_fields(config_class) | READ_BY_SHARED_CODE
     return sorted(key for key in config if key not in known and key not in defined)
+
+
+@cache
+def _default_instance(config_class: str) -> dict[str, Any]:
+    import transformers
+
+    return getattr(transformers, config_class)().to_dict()
+
+
+def class_default(config_class: str, key: str) -> Any:
+    """The value transformers' `config_class` (by name) gives `key` when config.json has none."""
+    return _default_instance(config_class).get(key)

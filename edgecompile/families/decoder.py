@@ -213,6 +213,14 @@ class DecoderFamily(Family):
         return 1.0 / math.sqrt(head_dim)
 
     @classmethod
+    def config_default(cls, key: str) -> Any:
+        """What transformers' config class of the family assumes for a field config.json leaves out (a config saved by
+        transformers 4 omits fields at their default: Gemma 3's tie_word_embeddings is true, Llama's false)."""
+        from edgecompile.families.config_fields import class_default
+
+        return class_default(cls.config_class, key)
+
+    @classmethod
     def dims(cls, config: dict[str, Any]) -> DecoderDims:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
@@ -222,7 +230,7 @@ class DecoderFamily(Family):
             kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
             intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
             max_positions=int(config.get("max_position_embeddings", 2048)), eps=float(config.get("rms_norm_eps", 1e-6)),
-            tied=bool(config.get("tie_word_embeddings", False)), rope=rope_parameters(config),
+            tied=bool(config.get("tie_word_embeddings", cls.config_default("tie_word_embeddings"))), rope=rope_parameters(config),
             layer_ropes=tuple(cls.layer_ropes(config)), windows=tuple(cls.layer_windows(config)),
             scale=cls.attention_scale(config, head_dim),
             extra_heads=max(int(config.get("n_future_tokens", 1)) - 1, 0) if cls.multi_token_heads else 0,
@@ -353,6 +361,65 @@ class DecoderFamily(Family):
     @classmethod
     def structure(cls, dims: DecoderDims, lowbit_modules: frozenset[str] = frozenset()) -> "DecoderStructure":
         return DecoderStructure(cls, dims.layers, dims.head_dim, lowbit_modules)
+
+    # ------------------------------------------------------------------------------------------------
+    # the reference of a graph whose weights were quantized after pruning
+
+    @classmethod
+    def reference_weights(cls, dims: DecoderDims, weights: dict[str, np.ndarray], graph_weights: dict[str, np.ndarray],
+                          masks: Any | None) -> dict[str, np.ndarray]:
+        """The checkpoint tensors (Hugging Face names and layout) under which the gated reference computes exactly what a
+        graph with these weights computes. `graph_weights`: module -> the graph's [K, N] weight as it reads it
+        (dequantized), for a cluster with `masks` (None: the dense graph), rows and columns being what the cluster
+        keeps (passes/prune_units.py) with its soft gates folded in, which are divided out again here."""
+        d, per_group = dims.head_dim, dims.heads // dims.kv_heads
+        result: dict[str, np.ndarray] = {}
+
+        def place(name: str, read: np.ndarray, rows: np.ndarray | None = None, columns: np.ndarray | None = None,
+                  scale: np.ndarray | None = None) -> None:
+            full = result.get(name, weights[name]).copy()  # [N, K] as Hugging Face stores it
+            block = read.T if scale is None else read.T / np.where(scale == 0, 1, scale)[None, :]
+            rows_out = slice(None) if columns is None else columns
+            cols_in = slice(None) if rows is None else rows
+            full[np.ix_(np.arange(full.shape[0])[rows_out], np.arange(full.shape[1])[cols_in])] = block
+            result[name] = full.astype(np.float32)
+
+        def features(units: np.ndarray) -> np.ndarray:
+            return (np.asarray(units, np.int64)[:, None] * d + np.arange(d)[None, :]).reshape(-1)
+
+        for module, read in graph_weights.items():
+            if module == "lm_head":
+                place("model.embed_tokens.weight" if dims.tied else "lm_head.weight", read)
+                continue
+            prefix, _, projection = module.rpartition(".")
+            layer = int(prefix.split(".")[2]) if prefix.startswith("model.layers.") else None
+            gated = masks is not None and layer is not None
+            blocks = masks.blocks[layer] if gated else np.ones(2, np.float32)
+            if projection in ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+                gates = masks.heads[layer] if gated else np.ones(dims.heads, np.float32)
+                groups = np.unique(np.flatnonzero(gates) // per_group)
+                heads = np.array([h for g in groups for h in range(g * per_group, (g + 1) * per_group)], np.int64)
+                q, kv = features(heads), features(groups)
+                if projection == "qkv_proj":
+                    parts = np.split(read, [q.size, q.size + kv.size], axis=1)
+                    for name, part, columns in zip(("q_proj", "k_proj", "v_proj"), parts, (q, kv, kv)):
+                        place(f"{prefix.rsplit('.', 1)[0]}.self_attn.{name}.weight", part, columns=columns)
+                elif projection == "o_proj":
+                    output = 1.0 if cls.branch_norms else float(blocks[0])  # Gemma scales its output norm instead
+                    place(f"{module}.weight", read, rows=q, scale=np.repeat(gates[heads], d) * output)
+                else:
+                    place(f"{module}.weight", read, columns=q if projection == "q_proj" else kv)
+            elif projection in ("gate_proj", "up_proj", "down_proj"):
+                gates = masks.neurons[layer] if gated else np.ones(dims.intermediate, np.float32)
+                kept = np.flatnonzero(gates)
+                if projection == "down_proj":
+                    output = 1.0 if cls.branch_norms else float(blocks[1])
+                    place(f"{module}.weight", read, rows=kept, scale=gates[kept] * output)
+                else:
+                    place(f"{module}.weight", read, columns=kept)
+            else:
+                raise ValueError(f"{module}: not a Linear of the {cls.name} family")
+        return result
 
     # ------------------------------------------------------------------------------------------------
     # what a cluster keeps, and its MACs per decoded token

@@ -47,6 +47,7 @@ class LoweringContext:
     lowbit: GraphLowBit
     calibration: list[dict[str, np.ndarray]]  # target-shaped feeds for this graph
     report: dict[str, Any] = field(default_factory=dict)  # what the steps did, for the manifest
+    shared: dict[str, Any] = field(default_factory=dict)  # state the graphs of one target share (quantized tensors)
 
     @property
     def is_student(self) -> bool:
@@ -59,6 +60,8 @@ def lower_lowbit_integer(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     from edgecompile.passes.lower_lowbit_linears import LowerLowBitLinears
 
     if not ctx.is_student or ctx.lowbit.empty:
+        return model
+    if ctx.target.linear_weights.lowbit_kernel == "nbits":  # the Linears go to exact 2-bit MatMulNBits (quantize_weights)
         return model
     linears = LowerLowBitLinears(ctx.lowbit.linears)
     passes: list[ir.passes.PassBase] = [linears]
@@ -127,6 +130,29 @@ def fuse_skip_norm(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     return model
 
 
+def quantize_weights(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Decoders: Linear weights block-quantized (MatMulNBits) after pruning, as the target's [weights] table says;
+    binary / ternary Linears as exact 2-bit codes with `lowbit_kernel = "nbits"`. A no-op for fp32 targets."""
+    from edgecompile.passes.quantize_weights import QuantizeWeights
+
+    weights = ctx.target.linear_weights
+    exact = frozenset(ctx.lowbit.linears) if weights.lowbit_kernel == "nbits" else frozenset()
+    if not ctx.is_student or not (weights.bits or exact):
+        return model
+    quantize = QuantizeWeights(weights.bits or 4, weights.block_size, weights.accuracy_level, exact, weights.lowbit_block_size,
+                               ctx.shared.setdefault("quantized", {}))
+    if weights.bits is None:  # only the low-bit Linears: every other MatMul stays fp32
+        quantize.only = exact  # (membership is quantize._low_bit's, packed q/k/v included)
+    ir.passes.PassManager([quantize, RemoveUnusedNodesPass()])(model)
+    ctx.report["weights"] = {
+        "format": weights.format if weights.bits else "fp32", "kernel": "MatMulNBits", "block_size": weights.block_size,
+        "accuracy_level": weights.accuracy_level, "symmetric": True, "quantizer": "onnxruntime quantize_matmul_nbits (RTN)",
+        "quantized": len(quantize.quantized), "exact_2bit": len(quantize.exact_2bit),
+        **({"lut_gemm": True} if weights.lut_gemm else {}), "tied_embedding": quantize.tied_embedding,
+    }
+    return model
+
+
 def fix_shapes(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     from edgecompile.passes.fix_shapes import FixBatchAndSequence
 
@@ -165,6 +191,7 @@ STEPS: dict[str, Callable[[ir.Model, LoweringContext], ir.Model]] = {
     "fuse_attention": fuse_attention,
     "pack_qkv": pack_qkv,
     "fuse_skip_norm": fuse_skip_norm,
+    "quantize_weights": quantize_weights,
     "lowbit_weights_to_dequantize": lowbit_weights_to_dequantize,
     "fix_shapes": fix_shapes,
     "qnn_preprocess": qnn_preprocess,
@@ -185,8 +212,10 @@ def lower_for_target(
     `calibration`: target-shaped feeds keyed "student" / "router" (needed by quantize_qdq).
     """
     lowered, reports = {}, {}
+    shared: dict[str, Any] = {}
     for name, graph in graphs.items():
-        ctx = LoweringContext(target, name, lowbit or GraphLowBit(), (calibration or {}).get("router" if name == "router" else "student", []))
+        ctx = LoweringContext(target, name, lowbit or GraphLowBit(), (calibration or {}).get("router" if name == "router" else "student", []),
+                              shared=shared)
         model = graph.clone()
         for step in target.steps:
             if progress:

@@ -74,6 +74,18 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
         "ort_level": (str, "basic", ("basic", "extended", "all")),
         "epcontext": (bool, False, None),
     },
+    # Linear weights after pruning (decoders): "int4" / "int8" are block-wise MatMulNBits as onnxruntime-genai's builder
+    # writes them, with activations quantized per block at `accuracy_level` 4; binary / ternary students keep the exact
+    # integer contract (`lowbit_kernel` "integer") or take exact 2-bit MatMulNBits codes ("nbits"), optionally through
+    # onnxruntime's lookup-table GEMM (`lut_gemm`, session config mlas.use_lut_gemm).
+    "weights": {
+        "format": (str, "fp32", ("fp32", "int8", "int4")),
+        "block_size": (int, 32, (16, 32, 64, 128, 256)),
+        "accuracy_level": (int, 4, (0, 1, 2, 3, 4)),
+        "lowbit_kernel": (str, "integer", ("integer", "nbits")),
+        "lowbit_block_size": (int, 64, (16, 32, 64, 128, 256)),
+        "lut_gemm": (bool, False, None),
+    },
     "parity": {
         "max_relative_error": ((float, int), REQUIRED, None),
         "min_cosine": ((float, int), REQUIRED, None),
@@ -81,6 +93,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
         "min_router_agreement": ((float, int), 1.0, None),
         "lowbit_max_relative_error": ((float, int), 0.05, None),
         "lowbit_min_cosine": ((float, int), 0.999, None),
+        # graphs whose weights are quantized block-wise (weights.format int4 / int8, or lowbit_kernel nbits), against
+        # PyTorch with the same dequantized weights: the kernels quantize activations per block (accuracy_level 4)
+        "quantized_max_relative_error": ((float, int), 0.5, None),
+        "quantized_min_cosine": ((float, int), 0.99, None),
     },
     "placement": {
         # "session": ask onnxruntime (runs_here targets); otherwise a static checker by name
@@ -100,11 +116,44 @@ class ParityTolerances:
     # End to end, for graphs whose activations are quantized (see integer_parity.py for why).
     lowbit_max_relative_error: float = 0.05
     lowbit_min_cosine: float = 0.999
+    # Graphs with block-quantized weights, against PyTorch with the same dequantized weights.
+    quantized_max_relative_error: float = 0.5
+    quantized_min_cosine: float = 0.99
 
 
 def is_lower_bound(key: str) -> bool:
     """min_* and lowbit_min_* tolerances are fractions a result must reach; the others bound an error from above."""
     return key.removeprefix("lowbit_").startswith("min_")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a target stores Linear weights after pruning (the [weights] table)."""
+
+    format: str = "fp32"  # "fp32" | "int8" | "int4"
+    block_size: int = 32
+    accuracy_level: int = 4
+    lowbit_kernel: str = "integer"  # binary / ternary Linears: "integer" (exact XTC contract) | "nbits" (2-bit MatMulNBits)
+    lowbit_block_size: int = 64
+    lut_gemm: bool = False  # onnxruntime's lookup-table GEMM for 2-bit MatMulNBits (session config mlas.use_lut_gemm)
+
+    @property
+    def bits(self) -> int | None:
+        return {"int4": 4, "int8": 8}.get(self.format)
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the quantize_weights step changes anything (block-quantized or exact 2-bit weights)."""
+        return self.format != "fp32" or self.lowbit_kernel == "nbits"
+
+    @property
+    def tag(self) -> str:
+        """Names this format's reference outputs in a bundle (`dense~int4`): one per format, shared by its targets."""
+        return self.format + ("+nbits" if self.lowbit_kernel == "nbits" else "")
+
+    def session_config(self) -> dict[str, str]:
+        """Session config entries the files need (onnxruntime's and onnxruntime-genai's sessions alike)."""
+        return {"mlas.use_lut_gemm": "1"} if self.lut_gemm else {}
 
 
 @dataclass(frozen=True)
@@ -133,6 +182,7 @@ class Target:
     parity: ParityTolerances
     source: Path = field(compare=False, default=Path())
     min_onnxruntime: str = "1.20"
+    linear_weights: WeightFormat = field(default_factory=lambda: WeightFormat())  # the [weights] table
 
     @property
     def parity_provider(self) -> str:
@@ -260,6 +310,7 @@ def load_target_file(path: Path) -> Target:
         parity=ParityTolerances(**{k: float(x) for k, x in v["parity"].items()}),
         source=Path(path),
         min_onnxruntime=v[""]["min_onnxruntime"],
+        linear_weights=WeightFormat(**v["weights"]),
     )
 
 
@@ -352,4 +403,22 @@ def target_from_dict(recorded: Any, where: str | None = None) -> Target:
             isinstance(shapes[k], int) and not isinstance(shapes[k], bool) and shapes[k] >= 1 for k in ("batch", "sequence")):
         raise BundleError(f"{where}: dynamic_shapes, batch, sequence: expected a boolean and two positive integers, "
                           f"found {shapes!r}"[:300])
-    return replace(tool, parity=ParityTolerances(**tolerances), **shapes)
+    return replace(tool, parity=ParityTolerances(**tolerances), **shapes, linear_weights=recorded_weights(recorded, where))
+
+
+def recorded_weights(recorded: dict[str, Any], where: str) -> WeightFormat:
+    """The weight format a bundle's files were written in (it describes the files, like their shapes): values a
+    target file could hold, else BundleError. Bundles from before the [weights] table record none: fp32."""
+    from dataclasses import fields
+
+    from edgecompile.errors import BundleError
+
+    data = recorded.get("linear_weights", {})
+    if not isinstance(data, dict) or set(data) - {f.name for f in fields(WeightFormat)}:
+        raise BundleError(f"{where}.linear_weights: expected the keys of a target's [weights] table, found {data!r}"[:300])
+    for key, value in data.items():
+        kind, _, allowed = SCHEMA["weights"][key]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or (allowed and value not in allowed):
+            raise BundleError(f"{where}.linear_weights.{key}: expected {' or '.join(map(repr, allowed)) if allowed else _type_name(kind)}, "
+                              f"found {value!r}"[:300])
+    return WeightFormat(**data)

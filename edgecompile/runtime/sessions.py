@@ -63,7 +63,10 @@ def _plugin_devices(target: Target, plugin: PluginEP) -> list[Any]:
 
 
 def configure(options: ort.SessionOptions, target: Target, strict: bool) -> list[Any] | None:
-    """Attach the target's EP to `options`; returns the `providers` argument for InferenceSession."""
+    """Attach the target's EP (and the session config its files need) to `options`; returns the `providers` argument
+    for InferenceSession."""
+    for key, value in target.linear_weights.session_config().items():  # e.g. the lookup-table GEMM of 2-bit MatMulNBits
+        options.add_session_config_entry(key, value)
     if not target.runs_here or target.provider == "CPUExecutionProvider":
         return ["CPUExecutionProvider"]
     if strict:
