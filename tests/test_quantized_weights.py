@@ -181,3 +181,33 @@ def test_weights_options_that_cannot_apply_are_refused(setup, cli, tmp_path, st_
     student = make_decoder(tmp_path / "llama", "llama", seed=13, intermediate=INTERMEDIATE)
     assert_one_line_error(cli("build", student, "--masks", masks, "--router-encoder", router, "--target", "cpu-attention",
                               "--weights", "int4", "--out", tmp_path / "o", "-q"), "cpu-attention.toml", "quantize_weights")
+
+
+def test_ternary_linears_as_exact_two_bit_codes_with_the_lookup_table(setup, tmp_path, cli):
+    """The opt-in target for binary / ternary decoders: exact 2-bit codes (their twin matches the codes * alpha model),
+    the lookup-table GEMM asked of onnxruntime and of onnxruntime-genai through the folder's session options."""
+    import shutil
+
+    from edgecompile.build import BuildRequest, build
+
+    root, router, samples, masks = setup
+    student = tmp_path / "llama_w2"
+    shutil.copytree(make_decoder(tmp_path / "llama", "llama", seed=14, intermediate=INTERMEDIATE), student)
+    (student / "edgecompile.json").write_text(json.dumps({"format": "edgecompile-lowbit/1", "linear": [{
+        "modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"], "bits": 2, "groups": "row",
+        "activations": "dynamic"}]}))
+    result = build(BuildRequest(student, masks, router, tmp_path / "out", samples=samples, targets=["cpu-lowbit-lut"]))
+    assert "FAIL" not in result.table
+    for line in result.table.splitlines():
+        if "weights exact: accuracy level 0" in line:
+            assert float(line.split("|")[6]) < 1e-4, line
+    target = result.manifest["targets"]["cpu-lowbit-lut"]
+    report = target["lowering"]["dense"]["weights"]
+    assert report["exact_2bit"] == 5 * LAYERS and report["quantized"] == 1 and report["lut_gemm"]  # lm_head int4
+    dense = onnx.load(str(result.out / "cpu-lowbit-lut" / "decoder" / "dense.onnx"), load_external_data=False)
+    bits = sorted(a.i for n in dense.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    assert bits == [2] * (5 * LAYERS) + [4]
+    config = json.loads((result.out / "cpu-lowbit-lut" / "decoder" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["mlas.use_lut_gemm"] == "1"
+    code, _, stderr = cli("verify", result.out)
+    assert code == 0, stderr

@@ -224,7 +224,9 @@ def quantized_reference(inputs: ValidatedInputs, models: DecoderModels, lowered:
     try:
         for name, cluster in clusters_by_graph(inputs).items():
             progress.note(f"{name}: the reference with the graph's dequantized weights")
-            tensors = family.reference_weights(dims, models.weights, graph_weights(lowered[name]), None if name == "dense" else cluster)
+            unfolded = frozenset(p.module for p in models.lowbit.linears) if models.lowbit else frozenset()
+            tensors = family.reference_weights(dims, models.weights, graph_weights(lowered[name]),
+                                               None if name == "dense" else cluster, unfolded)
             set_linear_weights(model, {k: v for k, v in tensors.items() if not k.startswith("extra_heads.")})
             gates.set(cluster)
             extra = load_extra_heads(family, model, {**models.weights, **tensors}, dims.extra_heads)

@@ -367,11 +367,12 @@ class DecoderFamily(Family):
 
     @classmethod
     def reference_weights(cls, dims: DecoderDims, weights: dict[str, np.ndarray], graph_weights: dict[str, np.ndarray],
-                          masks: Any | None) -> dict[str, np.ndarray]:
+                          masks: Any | None, unfolded: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
         """The checkpoint tensors (Hugging Face names and layout) under which the gated reference computes exactly what a
         graph with these weights computes. `graph_weights`: module -> the graph's [K, N] weight as it reads it
         (dequantized), for a cluster with `masks` (None: the dense graph), rows and columns being what the cluster
-        keeps (passes/prune_units.py) with its soft gates folded in, which are divided out again here."""
+        keeps (passes/prune_units.py) with its soft gates folded in, which are divided out again here; the head /
+        neuron gates of `unfolded` modules (low-bit: their codes stay codes) are a Mul on the input instead."""
         d, per_group = dims.head_dim, dims.heads // dims.kv_heads
         result: dict[str, np.ndarray] = {}
 
@@ -406,7 +407,8 @@ class DecoderFamily(Family):
                         place(f"{prefix.rsplit('.', 1)[0]}.self_attn.{name}.weight", part, columns=columns)
                 elif projection == "o_proj":
                     output = 1.0 if cls.branch_norms else float(blocks[0])  # Gemma scales its output norm instead
-                    place(f"{module}.weight", read, rows=q, scale=np.repeat(gates[heads], d) * output)
+                    units = np.ones(q.size, np.float32) if module in unfolded else np.repeat(gates[heads], d)
+                    place(f"{module}.weight", read, rows=q, scale=units * output)
                 else:
                     place(f"{module}.weight", read, columns=q if projection == "q_proj" else kv)
             elif projection in ("gate_proj", "up_proj", "down_proj"):
@@ -414,7 +416,8 @@ class DecoderFamily(Family):
                 kept = np.flatnonzero(gates)
                 if projection == "down_proj":
                     output = 1.0 if cls.branch_norms else float(blocks[1])
-                    place(f"{module}.weight", read, rows=kept, scale=gates[kept] * output)
+                    units = np.ones(kept.size, np.float32) if module in unfolded else gates[kept]
+                    place(f"{module}.weight", read, rows=kept, scale=units * output)
                 else:
                     place(f"{module}.weight", read, columns=kept)
             else:
