@@ -216,4 +216,4 @@ def test_multi_token_heads_match_the_familys_decoder_layer(tmp_path, family):
     names = ["logits", "logits_1", "logits_2"]
     for name, value, ref in zip(names, session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)}),
                                 expected):
-        assert relative_error(value[0], ref) < 1e-5, name
+        assert relative_error(value[0], ref if name == "logits" else ref[-1:]) < 1e-5, name  # extra heads: the last position

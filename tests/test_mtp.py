@@ -66,6 +66,9 @@ def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, 
     names = ["logits"] + [f"logits_{j + 1}" for j in range(dims.extra_heads)]
     got = session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), **empty_cache(session)})
     for name, value, ref in zip(names, got, expected):
+        if name != "logits":  # an extra head's logits: only where its drafts are read, the last position by default
+            assert value.shape[1] == 1
+            ref = ref[-1:]
         assert np.abs(value[0] - ref).max() / np.abs(ref).max() < 1e-5, name
     if masks is None:  # the trunk runs once: one attention per trunk layer, head 0 and extra head, one unembedding per head
         assert sum(n.op_type == "GroupQueryAttention" for n in graph.graph) == dims.layers + dims.extra_heads
@@ -73,6 +76,23 @@ def test_every_head_matches_transformers_on_the_trunk_output(mtp_models, model, 
     # every extra head has its own KV cache at index L + j, beside the trunk's and head 0's
     assert {v.name for v in graph.graph.inputs if v.name.endswith(".key")} >= {
         f"past_key_values.{dims.layers + j}.key" for j in range(dims.extra_heads)} | {f"past_key_values.{dims.layers - 1}.key"}
+
+
+@pytest.mark.parametrize("fed, drafts, position", [([5, 5, 5, 9], 3, 2), ([5, 5, 5, 5], 3, 3), ([5, 7, 5, 5], 3, 0),
+                                                    ([5, 7, 5, 5], 0, 3), ([7, 5, 5, 5], 2, 3), ([7, 5, 6, 5], 2, 1)])
+def test_extra_heads_compute_their_logits_only_where_head_0_stops_confirming(mtp_models, fed, drafts, position):
+    """`draft_count` drafts end the fed tokens; the extra heads' logits come from the last position head 0 confirms.
+    predict_well's head 0 predicts the token it is fed, so a draft is confirmed when it repeats the token before it."""
+    path = mtp_models["predict_well_n4"]
+    dims, weights, _, session = session_for(path)
+    reference = Llama.load_reference(path)
+    expected = head_logits(reference, load_extra_heads(Llama, reference, weights, dims.extra_heads), [0, 12] + fed)
+    x = np.array([[0, 12] + fed], np.int64)
+    names = ["logits_1", "logits_2", "logits_3"]
+    got = session.run(names, {"input_ids": x, "attention_mask": np.ones_like(x), "draft_count": np.array([drafts], np.int64),
+                              **empty_cache(session)})
+    for value, ref in zip(got, expected[1:]):
+        assert np.abs(value[0, 0] - ref[2 + position]).max() / np.abs(ref).max() < 1e-5
 
 
 @pytest.mark.parametrize("model, acceptance", [("random_n2", (0.0, 0.6)), ("random_n4", (0.0, 0.6)), ("predict_well_n4", (0.99, 1.0))])

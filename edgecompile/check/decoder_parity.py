@@ -73,12 +73,12 @@ def check_decoder_target(target: Any, files: DecoderFiles, samples: DecoderSampl
         heads = ["logits"] + extra_head_outputs(session)
         if files.contract(graph) == "quantized":  # the lowering itself is exact: its float-activation twin shows it
             twin = prefill_logits(exact_activation_twin(paths[graph], target, threads), heads, prompts)
-            rows += [compare(target, graph, f"prefill_{head} (weights exact: accuracy level 0)", reference[graph]["prefill_" + head],
-                             last_positions(twin[head], reference[graph]["prefill_" + head])) for head in heads]
+            rows += [compare(target, graph, f"prefill_{head} (weights exact: accuracy level 0)",
+                             *last_positions(twin[head], reference[graph]["prefill_" + head])) for head in heads]
         prefill = prefill_logits(session, heads, prompts)
         for head in heads:
             output = "prefill_" + head
-            rows.append(compare(target, graph, output, reference[graph][output], last_positions(prefill[head], reference[graph][output]),
+            rows.append(compare(target, graph, output, *last_positions(prefill[head], reference[graph][output]),
                                 files.contract(graph)))
         refs = [list(map(int, t)) for t in reference[graph]["greedy_tokens"]]
         lowbit = files.contract(graph) != "exact"
@@ -157,7 +157,9 @@ def exact_activation_twin(path: Path, target: Any, threads: int) -> Any:
         raise GraphLoadError(f"{path}: onnxruntime could not load its accuracy-level-0 twin ({one_line(exc)})") from None
 
 
-def last_positions(logits: list[np.ndarray], reference: list[np.ndarray]) -> list[np.ndarray]:
-    """Each prompt's logits at the positions its reference holds: every one at build time, the last in a bundle
-    (reference/outputs.safetensors keeps the last position's: the whole prompt's would outweigh the graphs)."""
-    return [got[-ref.shape[0]:] for got, ref in zip(logits, reference)]
+def last_positions(logits: list[np.ndarray], reference: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(reference, graph) logits of each prompt at the positions both hold: every one at build time, the last in a bundle
+    (reference/outputs.safetensors keeps the last position's: the whole prompt's would outweigh the graphs), and the
+    last for extra heads, whose graphs compute their logits at one position."""
+    pairs = [(ref[-min(len(ref), len(got)):], got[-min(len(ref), len(got)):]) for got, ref in zip(logits, reference)]
+    return [r for r, _ in pairs], [g for _, g in pairs]

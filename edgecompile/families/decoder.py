@@ -590,15 +590,49 @@ class _DecoderWriter:
         lm_head = embedding if dims.tied else weights["lm_head.weight"]
         unembedding = w.const("lm_head.weight_t", np.ascontiguousarray(lm_head.T))
         logits_outputs = []
+        draft_position = None
         for output_name, prefix, kv_index in heads or [("logits", None, None)]:
             h = x if prefix is None else self.layer(x, prefix, kv_index, last)
             suffix = "" if output_name == "logits" else f"_{output_name}"
+            if draft_position is not None:  # an extra head: its layer runs everywhere (its KV cache), its logits at one position
+                h = w.op("GatherElements", [h, draft_position], prefix, axis=1)
             n = self.norm(h, "model.norm", name=f"LayerNorm{suffix}")
             logits = w.op("MatMul", [n, unembedding], "lm_head", name=f"MatMul{suffix}")
             logits.name = output_name
-            logits.shape, logits.type = ir.Shape(["batch_size", "sequence_length", dims.vocab]), ir.TensorType(ir.DataType.FLOAT)
+            positions = "sequence_length" if output_name == "logits" else 1
+            logits.shape, logits.type = ir.Shape(["batch_size", positions, dims.vocab]), ir.TensorType(ir.DataType.FLOAT)
             logits_outputs.append(logits)
+            if output_name == "logits" and dims.extra_heads:
+                draft_position = self.draft_position(input_ids, logits, dims.hidden)
         return w.model(name, self.inputs, logits_outputs + self.outputs, {"": OPSET, MS_DOMAIN: 1})
+
+    def draft_position(self, input_ids: ir.Value, logits: ir.Value, hidden: int) -> ir.Value:
+        """Where the extra heads' drafts are read: the last fed position head 0 confirms, as gather indices [B, 1, hidden].
+
+        A speculative pass feeds the pending token and `draft_count` drafts; head 0's prediction at each fed position
+        verifies the next draft, and the extra heads draft again from the last accepted position: only there are their
+        norm and unembedding computed. `draft_count` is an input with a default of 0 (an initializer), so a caller
+        that does not know it (prefill, plain greedy decoding, onnxruntime-genai) reads the drafts at the last position.
+        """
+        w, module = self.w, "model.draft_position"
+        count = w.const("draft_count", np.array([0], np.int64))
+        self.inputs.append(count)  # a graph input with an initializer: optional for callers
+        one = w.const(f"{module}.one", np.array([1], np.int64))
+        axis = w.const(f"{module}.axis", np.array([1], np.int64))
+        length = w.op("Gather", [w.op("Shape", [input_ids], module), w.const(f"{module}.index", np.array([1], np.int64))], module, axis=0)
+        start = w.op("Sub", [w.op("Sub", [length, one], module), count], module)  # the pending token's position, S-1-D
+        predicted = w.op("ArgMax", [logits], module, axis=-1, keepdims=0)  # head 0's next token after each position
+        verified = w.op("Slice", [predicted, start, w.op("Sub", [length, one], module), axis], module)
+        drafts = w.op("Slice", [input_ids, w.op("Add", [start, one], module), length, axis], module)
+        mismatch = w.op("Cast", [w.op("Not", [w.op("Equal", [verified, drafts], module)], module)], module, to=int(ir.DataType.INT64))
+        unbroken = w.op("Equal", [w.op("CumSum", [mismatch, w.const(f"{module}.cumsum_axis", np.array(1, np.int64))], module),
+                                  w.const(f"{module}.zero", np.array(0, np.int64))], module)
+        accepted = w.op("ReduceSum", [w.op("Cast", [unbroken], module, to=int(ir.DataType.INT64)), axis], module, keepdims=1)
+        position = w.op("Add", [start, accepted], module)  # [B, 1]
+        index = w.op("Unsqueeze", [position, w.const(f"{module}.last", np.array([-1], np.int64))], module)
+        shape = w.op("Concat", [w.op("Shape", [input_ids], module, start=0, end=1), one,
+                                w.const(f"{module}.hidden", np.array([hidden], np.int64))], module, axis=0)
+        return w.op("Expand", [index, shape], module)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Self-speculative decoding with multi-token-prediction heads (Gloeckle et al. 2024; Stern et al. 2018).
 
 A graph with n heads returns `logits` (head 0: the next token) and `logits_1..logits_{n-1}` (head j:
-the token j+1 places further), all from ONE pass of the shared trunk. Each step feeds the pending
+the token j+1 places further), all from ONE pass of the shared trunk; the extra heads' logits are
+computed at one position only, the last one head 0 confirms (the graph is told `draft_count`). Each step feeds the pending
 token (exact: head 0 chose it) followed by the n-1 tokens the extra heads drafted, in one forward
 pass; head 0's prediction at each fed position verifies the next draft. The accepted drafts and
 head 0's first disagreeing prediction are exactly the tokens greedy decoding would produce; the KV
@@ -18,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecompile.runtime.decode import PAST, PRESENT, empty_cache
+
+DRAFT_COUNT = "draft_count"  # a multi-token-prediction graph's input: how many drafts follow the pending token
 
 
 @dataclass
@@ -60,7 +63,9 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
     prefill_ms = (time.perf_counter() - start) * 1e3
     cached = len(prompt)
     tokens = [int(np.argmax(results["logits"][0, -1]))]
-    drafts = [int(np.argmax(results[h][0, -1])) for h in heads]
+    drafts = [int(np.argmax(results[h][0, -1])) for h in heads]  # the extra heads' logits: one position, the last
+    # an input with a default (onnxruntime lists those apart); graphs written before it drafted at every position
+    counts = {i.name for i in session.get_overridable_initializers()} & {DRAFT_COUNT}
     cache = {PAST + n[len(PRESENT):]: v for n, v in results.items() if n.startswith(PRESENT)}
     passes, drafted, accepted, steps = 1, 0, 0, []
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
@@ -68,8 +73,9 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
         fed = [tokens[-1]] + drafts
         start = time.perf_counter()
         x = np.array([fed], np.int64)
-        results = dict(zip(output_names, session.run(
-            output_names, {"input_ids": x, "attention_mask": np.ones((1, cached + len(fed)), np.int64), **cache})))
+        feed = {"input_ids": x, "attention_mask": np.ones((1, cached + len(fed)), np.int64), **cache}
+        feed.update({name: np.array([len(drafts)], np.int64) for name in counts})
+        results = dict(zip(output_names, session.run(output_names, feed)))
         steps.append((time.perf_counter() - start) * 1e3)
         passes += 1
         drafted += len(drafts)
@@ -82,7 +88,8 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
         cached += 1 + kept  # the pending token and the accepted drafts; rejected drafts leave the cache
         cache = {PAST + n[len(PRESENT):]: np.ascontiguousarray(v[:, :, :cached]) for n, v in results.items()
                  if n.startswith(PRESENT)}
-        drafts = [int(np.argmax(results[h][0, kept])) for h in heads]
+        # the graph read the extra heads at the last position head 0 confirmed (families/decoder.py draft_position): `kept`
+        drafts = [int(np.argmax(results[h][0, -1 if counts else kept])) for h in heads]
     for i, token in enumerate(tokens):  # greedy stops at the first end-of-sequence token
         if token in eos_token_ids:
             tokens = tokens[: i + 1]
