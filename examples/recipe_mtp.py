@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, minilm, phase, require, require_dir,  # noqa: E402
-                           require_file, run_recipe, write_trivial_masks)
+from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flags, done, finished, minilm,  # noqa: E402
+                    phase, require, require_dir, require_file, run_recipe, write_trivial_masks)
 
 from edgecompile.errors import ParityError  # noqa: E402
 from edgecompile.reference.mtp_training import MultiTokenLlama  # noqa: E402
@@ -62,10 +62,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--router-encoder", type=Path, default=None,
                         help="sentence encoder of the (one-cluster) router the bundle needs [default: all-MiniLM-L6-v2]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "mtp", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (40 texts, a 2-layer model, 4 steps) to check the pipeline in seconds")
+    add_run_arguments(parser, "40 texts, a 2-layer model, 4 steps")
     args = parser.parse_args(argv)
     if args.short:
         args.max_texts, args.steps, args.prompts, args.rounds = 40, 4, 3, 1
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    router_dir = args.router_encoder or minilm()
+    router_dir = args.router_encoder or minilm("pass --router-encoder DIR")
     from edgecompile.families import load_student
 
     router_spec = load_student(router_dir)
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     t = phase(f"training {args.steps} steps, memory-saving order (held-out perplexity per head before: "
               + ", ".join(f"{p:.0f}" for p in before) + ")")
     curve = train(model, train_data, args)
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
     plot = plot_curves(curve, args.out / "loss_curves.png")
     after = perplexities(model, held_data, args.batch_size)
     print(f"\n| head | predicts | held-out perplexity (untrained) | held-out perplexity (trained) |\n|---|---|---:|---:|")
@@ -305,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
           f"acceptance rate {figures['acceptance']:.3f}, {figures['tokens_per_pass']:.2f} tokens per forward pass, "
           f"decode {figures['speculative_ms']:.1f} ms vs greedy {figures['greedy_ms']:.1f} ms for all prompts "
           f"(speed-up {figures['speedup']:.2f}x; medians of {args.rounds} round(s), 1 thread; {cpu_flags()})")
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (HERE, OUT, RecipeParser, build_bundle, length_batches, minilm, phase, recall_at_k,  # noqa: E402
-                           require, require_file, run_recipe, sentence_embeddings)
+from common import (HERE, OUT, RecipeParser, add_run_arguments, build_bundle, done, finished, length_batches,  # noqa: E402
+                    minilm, phase, recall_at_k, require, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.inputs.masks import load_masks  # noqa: E402
 from edgecompile.inputs.router import check_masks_router  # noqa: E402
@@ -62,10 +62,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate [default: %(default)s]")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text when embedding [default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "sxbm_projection", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (40 texts, 5 steps) to check the pipeline in seconds")
+    add_run_arguments(parser, "40 texts, 5 steps")
     args = parser.parse_args(argv)
     if args.short:
         args.steps, args.max_texts, args.memory = 5, 40, min(args.memory, 32)
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     projections = {f"S-XBM, memory {args.memory}": train_projection(train, args.width, args.memory, args),
                    "same, without memory": train_projection(train, args.width, 0, args),
                    "PCA (no training)": pca_projection(train, args.width)}
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
     print(f"\nrecall@10 of the {args.width}-d projected space against the full {spec.embedding_dim}-d one, {len(held_texts)} held-out texts")
     print("| projection | recall@10 |\n|---|---:|")
     with torch.no_grad():
@@ -202,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     phase("compiling with edgecompile build")
     samples = [held_texts[i] for i in np.linspace(0, len(held_texts) - 1, min(24, len(held_texts))).astype(int)]
     build_bundle(model_dir, masks_file, model_dir, args.out / "bundle", samples)
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":
