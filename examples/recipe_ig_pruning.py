@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = args.model or minilm()
+    model_dir = args.model or minilm("pass --model DIR")
     model_name = "all-MiniLM-L6-v2" if args.model is None else model_dir.name
     spec = load_student(model_dir)
     require(spec.family == "sentence-transformers", f"{model_dir}", "a sentence-transformers BERT folder", spec.family)

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = args.model or minilm()
+    model_dir = args.model or minilm("pass --model DIR")
     spec = load_student(model_dir)
     require(spec.family == "sentence-transformers", f"{model_dir}", "a sentence-transformers BERT folder", spec.family)
     require(args.width <= spec.embedding_dim, "--width", f"at most the encoder's embedding width {spec.embedding_dim}", args.width)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    encoder_dir = args.model or minilm()
+    encoder_dir = args.model or minilm("pass --model DIR")
     spec = load_student(encoder_dir)
     require(spec.family == "sentence-transformers", f"{encoder_dir}", "a sentence-transformers BERT folder", spec.family)
     layers = parse_layers(args.teacher_layers, spec.num_layers)
