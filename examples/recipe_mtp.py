@@ -30,15 +30,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
+from checkpoints import train_bpe_tokenizer  # noqa: E402
 from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flags, done, finished, minilm,  # noqa: E402
                     phase, require, require_dir, require_file, run_recipe, write_trivial_masks)
+from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 
 from edgecompile.errors import ParityError  # noqa: E402
 from edgecompile.reference.mtp_training import MultiTokenLlama  # noqa: E402
 from edgecompile.reference.tensor_memory import PeakTensorMemory  # noqa: E402
-
-SPECIAL = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 
 
 def parse_args(argv: list[str] | None):
@@ -87,23 +86,6 @@ def parse_args(argv: list[str] | None):
     if args.router_encoder is not None:
         require_dir(args.router_encoder, "a sentence-transformers folder")
     return args
-
-
-def train_tokenizer(texts: list[str], vocab: int, out: Path):
-    """Byte-level BPE (GPT-2 / Llama-3 style) on the train texts; `<s>` is prepended to every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out))
-    return fast
 
 
 def windows(tokenizer, texts: list[str], context: int) -> torch.Tensor:
@@ -252,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(student_dir)
 
     phase(f"tokenizer: byte-level BPE, {args.vocab} tokens, trained on {len(train_docs)} train texts")
-    tokenizer = train_tokenizer([d.text for d in train_docs], args.vocab, student_dir)
+    tokenizer = train_bpe_tokenizer([d.text for d in train_docs], args.vocab, student_dir)  # <s> </s> <pad>: ids 0, 1, 2
     rng = np.random.default_rng(args.seed)
     train_data = windows(tokenizer, [train_docs[i].text for i in rng.permutation(len(train_docs))], args.context)
     held_data = windows(tokenizer, [d.text for d in held_docs], args.context)
