@@ -74,8 +74,8 @@ def main() -> None:
 
     k_max = max(args.clusters)
     bundle = load_bundle(args.out / f"bundle_k{k_max}")
-    rows = bench_bundle(bundle, runs=args.runs, warmup=5, threads=1, batch=1, sequence=128)
-    table = bench_table(rows, 1, 128, 1)
+    report = bench_bundle(bundle, runs=args.runs, warmup=5, threads=1, batch=1, sequence=128)
+    rows, table = report.graphs, bench_table(report)
     print(table)
     print(cpu_flags())
 
