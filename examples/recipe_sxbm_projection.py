@@ -63,10 +63,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text when embedding [default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
     parser.add_argument("--out", type=Path, default=OUT / "sxbm_projection", help="output folder [default: %(default)s]")
-    add_run_arguments(parser, "40 texts, 5 steps")
+    add_run_arguments(parser, "40 texts, 5 steps, width and memory at most 32")
     args = parser.parse_args(argv)
     if args.short:
-        args.steps, args.max_texts, args.memory = 5, 40, min(args.memory, 32)
+        # 40 texts give PCA (the baseline) at most 39 components: a 32-d projection still compares all three
+        args.steps, args.max_texts, args.memory, args.width = 5, 40, min(args.memory, 32), min(args.width, 32)
     for name in ("width", "top_k", "steps", "batch_size", "max_length", "threads"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.memory >= 0, "--memory", "0 (no memory) or more embeddings", args.memory)
@@ -128,7 +129,7 @@ def train_projection(train: torch.Tensor, width: int, memory_size: int, args) ->
 
 
 def pca_projection(train: torch.Tensor, width: int) -> torch.nn.Linear:
-    """The classical baseline: the top principal directions of the train embeddings."""
+    """The classical baseline: the top principal directions of the train embeddings (width < their count)."""
     mean = train.mean(0)
     _, _, vt = torch.linalg.svd(train - mean, full_matrices=False)
     projection = torch.nn.Linear(train.shape[1], width)
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     train_docs, held_docs = split(load_corpus(args.corpus))
     train_texts = [d.text for d in spread(train_docs, args.max_texts)]
     held_texts = [d.text for d in spread(held_docs, args.max_texts)]
+    require(args.width < len(train_texts), "--width", f"at most {len(train_texts) - 1}: the PCA baseline finds no more components in "
+            f"{len(train_texts)} train texts (more with --max-texts)", args.width)
     args.out.mkdir(parents=True, exist_ok=True)
 
     phase(f"embedding {len(train_texts)} train and {len(held_texts)} held-out texts with the frozen encoder")

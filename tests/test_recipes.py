@@ -198,6 +198,8 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
     ("recipe_xtc", ["--max-grad-norm", "-1"], "--max-grad-norm: expected a number >= 0, found -1.0"),
     ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
     ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
+    ("recipe_sxbm_projection", ["--max-texts", "10", "--width", "16"],
+     "--width: expected at most 9: the PCA baseline finds no more components in 10 train texts (more with --max-texts), found 16"),
     ("recipe_ig_pruning_lm", ["--student", "/nonexistent/llama"], "/nonexistent/llama: expected a LlamaForCausalLM folder"),
     ("recipe_ig_pruning_lm", ["--sparsity", "1.5"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.5"),
     ("recipe_mtp", ["--n-future", "1"], "--n-future: expected at least 2 (head 0 and one drafting head), found 1"),
