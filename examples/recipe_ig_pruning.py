@@ -25,6 +25,7 @@ sampler and the L0 penalty are edgecompile.reference.hard_concrete, so what is t
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
     parser.add_argument("--bench-runs", type=int, default=30, help="edgecompile bench --runs [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning", help="output folder [default: %(default)s]")
-    add_run_arguments(parser, "K=2, 2 steps, 40 texts")
+    add_run_arguments(parser, "K=2, 2 steps, 40 texts, a model2vec router of their vocabulary only")
     args = parser.parse_args(argv)
     if args.short:
         args.clusters, args.steps, args.max_texts, args.bench_runs = min(args.clusters, 2), 2, 40, 3
@@ -83,13 +84,17 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def model2vec_router(model_dir: Path, width: int, folder: Path) -> Path:
-    """A static-embedding router distilled from the student by model2vec (once; reused while its source is the same)."""
+def model2vec_router(model_dir: Path, width: int, folder: Path, only_texts: list[str] | None = None) -> Path:
+    """A static-embedding router distilled from the student by model2vec (once; reused while its source and
+    vocabulary are the same). `only_texts` (--short): only the vocabulary entries of these texts."""
     stamp = folder / "distilled_from.txt"
-    if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == str(model_dir.resolve()):
+    source = str(model_dir.resolve())
+    if only_texts is not None:
+        source += f"\nvocabulary of {len(only_texts)} texts, sha256 {hashlib.sha256(chr(0).join(only_texts).encode()).hexdigest()}"
+    if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == source:
         return folder
-    distill_static_router(model_dir, width, folder, "pass --router-encoder DIR or --full-router")
-    stamp.write_text(str(model_dir.resolve()))
+    distill_static_router(model_dir, width, folder, "pass --router-encoder DIR or --full-router", only_texts)
+    stamp.write_text(source)
     return folder
 
 
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.full_router:  # the router's embeddings are the student's own sentence embeddings
         router_dir, router_train, router_held = model_dir, dense_train.numpy(), dense_held.numpy()
     else:
-        router_dir = args.router_encoder or model2vec_router(model_dir, spec.embedding_dim, args.out / "router_model2vec")
+        router_dir = args.router_encoder or model2vec_router(model_dir, spec.embedding_dim, args.out / "router_model2vec",
+                                                             train_texts + held_texts if args.short else None)
         phase(f"embedding the texts with the router's encoder ({router_dir.name}), exactly as the router graph does")
         router_train = embed(router_dir, train_texts, args.router_layers)
         router_held = embed(router_dir, held_texts, args.router_layers)
