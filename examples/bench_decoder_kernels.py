@@ -20,11 +20,16 @@ and each one's error against `x @ W` in float64 (relative to max |x @ W|).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_flags
 
 SHAPES = ((512, 1408), (1408, 512), (512, 32000))  # gate/up, down, an lm_head-sized projection (K, N)
 BLOCK = 32
@@ -114,9 +119,7 @@ def main() -> None:
             for name, s in sessions.items():
                 error = np.abs(s.run(None, {"x": x})[0] - exact).max() / np.abs(exact).max()
                 print(f"| {name} | {np.median(times[name]) * 1e3:.3f} | {base / np.median(times[name]):.2f}x | {error:.1e} |")
-    from bench_decoder import cpu_flags  # examples/ is on the path when this runs as a script
-
-    print(f"\ncpu flags: {cpu_flags()}")
+    print(f"\n{cpu_flags()}")
 
 if __name__ == "__main__":
     main()

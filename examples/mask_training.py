@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from recipe_common import cycle_shuffled, require
+from common import cycle_shuffled, require
 
 from edgecompile.reference.hard_concrete import HardConcreteGates
 from edgecompile.reference.masks import ModelGates

@@ -25,6 +25,7 @@ sampler and the L0 penalty are edgecompile.reference.hard_concrete, so what is t
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
-from recipe_common import (OUT, RecipeParser, bench_report, build_bundle, cpu_flags, length_batches, minilm,  # noqa: E402
-                           phase, recall_at_k, require, require_dir, require_file, run_recipe, sentence_embeddings)
+from common import (OUT, RecipeParser, add_run_arguments, bench_report, build_bundle, cpu_flags, done,  # noqa: E402
+                    finished, length_batches, minilm, phase, recall_at_k, require, require_dir, require_file,
+                    run_recipe, sentence_embeddings, write_masks)
 from fit_router_centroids import distill_static_router, embed, nearest  # noqa: E402
 
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
@@ -66,11 +67,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--router-layers", type=int, default=None, help="truncate a transformer --router-encoder to its first n layers")
     add_mask_arguments(parser)
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=30, help="edgecompile bench --runs [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (K=2, 2 steps, 40 texts) to check the pipeline in seconds")
+    add_run_arguments(parser, "K=2, 2 steps, 40 texts, a model2vec router of their vocabulary only")
     args = parser.parse_args(argv)
     if args.short:
         args.clusters, args.steps, args.max_texts, args.bench_runs = min(args.clusters, 2), 2, 40, 3
@@ -85,13 +84,17 @@ def parse_args(argv: list[str] | None):
     return args
 
 
-def model2vec_router(model_dir: Path, width: int, folder: Path) -> Path:
-    """A static-embedding router distilled from the student by model2vec (once; reused while its source is the same)."""
+def model2vec_router(model_dir: Path, width: int, folder: Path, only_texts: list[str] | None = None) -> Path:
+    """A static-embedding router distilled from the student by model2vec (once; reused while its source and
+    vocabulary are the same). `only_texts` (--short): only the vocabulary entries of these texts."""
     stamp = folder / "distilled_from.txt"
-    if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == str(model_dir.resolve()):
+    source = str(model_dir.resolve())
+    if only_texts is not None:
+        source += f"\nvocabulary of {len(only_texts)} texts, sha256 {hashlib.sha256(chr(0).join(only_texts).encode()).hexdigest()}"
+    if (folder / "model.safetensors").is_file() and stamp.is_file() and stamp.read_text() == source:
         return folder
-    distill_static_router(model_dir, width, folder, "pass --router-encoder DIR or --full-router")
-    stamp.write_text(str(model_dir.resolve()))
+    distill_static_router(model_dir, width, folder, "pass --router-encoder DIR or --full-router", only_texts)
+    stamp.write_text(source)
     return folder
 
 
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = args.model or minilm()
+    model_dir = args.model or minilm("pass --model DIR")
     model_name = "all-MiniLM-L6-v2" if args.model is None else model_dir.name
     spec = load_student(model_dir)
     require(spec.family == "sentence-transformers", f"{model_dir}", "a sentence-transformers BERT folder", spec.family)
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.full_router:  # the router's embeddings are the student's own sentence embeddings
         router_dir, router_train, router_held = model_dir, dense_train.numpy(), dense_held.numpy()
     else:
-        router_dir = args.router_encoder or model2vec_router(model_dir, spec.embedding_dim, args.out / "router_model2vec")
+        router_dir = args.router_encoder or model2vec_router(model_dir, spec.embedding_dim, args.out / "router_model2vec",
+                                                             train_texts + held_texts if args.short else None)
         phase(f"embedding the texts with the router's encoder ({router_dir.name}), exactly as the router graph does")
         router_train = embed(router_dir, train_texts, args.router_layers)
         router_held = embed(router_dir, held_texts, args.router_layers)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  cluster {k}: {len(members):4d} texts, final distillation loss {losses[f'cluster {k}']:.4f}, keeps {layout(masks[k])}", flush=True)
     static, losses["static"] = train_block_mask(gates, train_batches, kept, args, args.seed + 1000, distillation(dense_train))
     print(f"  static  : {len(train_texts):4d} texts, final distillation loss {losses['static']:.4f}, keeps {layout(static)}")
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
 
     phase("evaluating on held-out texts (router picks the cluster; compared against the dense model)")
     routed = torch.zeros_like(dense_held)
@@ -211,10 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| static mask | {len(held_texts)} | {layout(static)} | {s.cosine:.4f} | {s.recall:.3f} | | |")
 
     masks_file = args.out / "masks.safetensors"
-    tensors = {"router.centroids": np.ascontiguousarray(centroids)}
-    tensors.update({f"cluster.{k}.blocks": np.ascontiguousarray(m) for k, m in masks.items()})
-    save_file(tensors, str(masks_file), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard",
-                                                  **router_metadata(router_spec)})
+    write_masks(masks_file, {k: {"blocks": m} for k, m in masks.items()}, centroids,
+                metadata={"mask.kind": "hard", **router_metadata(router_spec)})
     print(f"\nwrote {masks_file} (K = {args.clusters}, hard block gates, l2 centroids for the router {router_spec.name})")
 
     phase("compiling with edgecompile build")
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
           f"p50 {routed['routed_p50_ms']:.2f} ms vs dense {routed['dense_p50_ms']:.2f} ms on the same inputs "
           f"(ratio {routed['routed_vs_dense']:.2f}; the router is {routed['router_share']:.0%} of it); "
           f"plot {bundle.parent / (bundle.name + '_bench.png')}; {cpu_flags()}")
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
 from mask_training import add_mask_arguments, check_mask_arguments, layout, train_block_mask  # noqa: E402
-from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, edgecompile, length_batches, minilm,  # noqa: E402
-                           phase, require, require_dir, require_file, run_recipe, sentence_embeddings)
+from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flags, done, edgecompile, finished,  # noqa: E402
+                    length_batches, minilm, phase, require, require_dir, require_file, run_recipe,
+                    sentence_embeddings, write_masks)
 
 from edgecompile.families.llama import Llama  # noqa: E402
 from edgecompile.inputs.masks import ClusterMasks  # noqa: E402
@@ -55,11 +55,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--samples", type=int, default=16, help="held-out prompts for the build's parity gate [default: %(default)s]")
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens of each parity prompt [default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=5, help="edgecompile bench --runs (rounds of 64 + 64 tokens) [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning_lm", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (K=2, 2 steps, 40 texts) to check the pipeline in seconds")
+    add_run_arguments(parser, "K=2, 2 steps, 40 texts")
     args = parser.parse_args(argv)
     if args.short:
         args.clusters, args.steps, args.max_texts, args.samples, args.bench_runs = min(args.clusters, 2), 2, 40, 3, 3
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    router_dir = args.router_encoder or minilm()
+    router_dir = args.router_encoder or minilm("pass --router-encoder DIR")
     router_spec, spec = load_student(router_dir), load_student(args.student)
     require(router_spec.family == "sentence-transformers", f"{router_dir}", "a sentence-transformers folder (the router encoder)", router_spec.family)
     require(spec.family == "llama", f"{args.student}", "a LlamaForCausalLM folder", spec.family)
@@ -180,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  cluster {k}: {len(members):4d} texts, final KL to dense {loss:.4f}, keeps {layout(masks[k])}", flush=True)
     static, loss = train_block_mask(gates, train_batches, kept, args, args.seed + 1000, distillation(model, gates))
     print(f"  static  : {len(train_texts):4d} texts, final KL to dense {loss:.4f}, keeps {layout(static)}")
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
 
     phase("held-out perplexity (the router picks the cluster; beside the static mask and the dense model on the same texts)")
     count = len(held_texts)
@@ -211,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| static mask | {count} | {layout(static)} | {perplexity(static_losses, everything):.2f} | | |")
 
     masks_file = args.out / "masks.safetensors"
-    tensors = {"router.centroids": np.ascontiguousarray(centroids)}
-    tensors.update({f"cluster.{k}.blocks": np.ascontiguousarray(m) for k, m in masks.items()})
-    save_file(tensors, str(masks_file), metadata={"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"})
+    write_masks(masks_file, {k: {"blocks": m} for k, m in masks.items()}, centroids, metadata={"mask.kind": "hard"})
     print(f"\nwrote {masks_file} (K = {args.clusters}, hard block gates, l2 router centroids)")
 
     phase("compiling with edgecompile build (greedy tokens of every graph parity-gated)")
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{r['decode_ms_per_token']:.3f}" for r in clusters) + " ms (speed-up vs dense "
           + ", ".join(f"{r['decode_speedup_vs_dense']:.2f}x" for r in clusters) + "); the router runs once per prompt; "
           f"{cpu_flags()}")
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

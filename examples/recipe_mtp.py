@@ -30,15 +30,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from checkpoints import train_bpe_tokenizer  # noqa: E402
+from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flags, done, finished, minilm,  # noqa: E402
+                    phase, require, require_dir, require_file, run_recipe, write_trivial_masks)
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, minilm, phase, require, require_dir,  # noqa: E402
-                           require_file, run_recipe, write_trivial_masks)
 
 from edgecompile.errors import ParityError  # noqa: E402
 from edgecompile.reference.mtp_training import MultiTokenLlama  # noqa: E402
 from edgecompile.reference.tensor_memory import PeakTensorMemory  # noqa: E402
-
-SPECIAL = ["<s>", "</s>", "<pad>"]  # ids 0, 1, 2: bos, eos, pad
 
 
 def parse_args(argv: list[str] | None):
@@ -62,10 +61,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--router-encoder", type=Path, default=None,
                         help="sentence encoder of the (one-cluster) router the bundle needs [default: all-MiniLM-L6-v2]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "mtp", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (40 texts, a 2-layer model, 4 steps) to check the pipeline in seconds")
+    add_run_arguments(parser, "40 texts, a 2-layer model, 4 steps")
     args = parser.parse_args(argv)
     if args.short:
         args.max_texts, args.steps, args.prompts, args.rounds = 40, 4, 3, 1
@@ -89,23 +86,6 @@ def parse_args(argv: list[str] | None):
     if args.router_encoder is not None:
         require_dir(args.router_encoder, "a sentence-transformers folder")
     return args
-
-
-def train_tokenizer(texts: list[str], vocab: int, out: Path):
-    """Byte-level BPE (GPT-2 / Llama-3 style) on the train texts; `<s>` is prepended to every text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out))
-    return fast
 
 
 def windows(tokenizer, texts: list[str], context: int) -> torch.Tensor:
@@ -240,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    router_dir = args.router_encoder or minilm()
+    router_dir = args.router_encoder or minilm("pass --router-encoder DIR")
     from edgecompile.families import load_student
 
     router_spec = load_student(router_dir)
@@ -254,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(student_dir)
 
     phase(f"tokenizer: byte-level BPE, {args.vocab} tokens, trained on {len(train_docs)} train texts")
-    tokenizer = train_tokenizer([d.text for d in train_docs], args.vocab, student_dir)
+    tokenizer = train_bpe_tokenizer([d.text for d in train_docs], args.vocab, student_dir)  # <s> </s> <pad>: ids 0, 1, 2
     rng = np.random.default_rng(args.seed)
     train_data = windows(tokenizer, [train_docs[i].text for i in rng.permutation(len(train_docs))], args.context)
     held_data = windows(tokenizer, [d.text for d in held_docs], args.context)
@@ -275,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     t = phase(f"training {args.steps} steps, memory-saving order (held-out perplexity per head before: "
               + ", ".join(f"{p:.0f}" for p in before) + ")")
     curve = train(model, train_data, args)
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
     plot = plot_curves(curve, args.out / "loss_curves.png")
     after = perplexities(model, held_data, args.batch_size)
     print(f"\n| head | predicts | held-out perplexity (untrained) | held-out perplexity (trained) |\n|---|---|---:|---:|")
@@ -305,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
           f"acceptance rate {figures['acceptance']:.3f}, {figures['tokens_per_pass']:.2f} tokens per forward pass, "
           f"decode {figures['speculative_ms']:.1f} ms vs greedy {figures['greedy_ms']:.1f} ms for all prompts "
           f"(speed-up {figures['speedup']:.2f}x; medians of {args.rounds} round(s), 1 thread; {cpu_flags()})")
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

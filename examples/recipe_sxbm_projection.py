@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, load_corpus, split, spread  # noqa: E402
-from recipe_common import (HERE, OUT, RecipeParser, build_bundle, length_batches, minilm, phase, recall_at_k,  # noqa: E402
-                           require, require_file, run_recipe, sentence_embeddings)
+from common import (HERE, OUT, RecipeParser, add_run_arguments, build_bundle, done, finished, length_batches,  # noqa: E402
+                    minilm, phase, recall_at_k, require, require_file, run_recipe, sentence_embeddings)
 
 from edgecompile.inputs.masks import load_masks  # noqa: E402
 from edgecompile.inputs.router import check_masks_router  # noqa: E402
@@ -62,13 +62,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate [default: %(default)s]")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per text when embedding [default: %(default)s]")
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "sxbm_projection", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (40 texts, 5 steps) to check the pipeline in seconds")
+    add_run_arguments(parser, "40 texts, 5 steps, width and memory at most 32")
     args = parser.parse_args(argv)
     if args.short:
-        args.steps, args.max_texts, args.memory = 5, 40, min(args.memory, 32)
+        # 40 texts give PCA (the baseline) at most 39 components: a 32-d projection still compares all three
+        args.steps, args.max_texts, args.memory, args.width = 5, 40, min(args.memory, 32), min(args.width, 32)
     for name in ("width", "top_k", "steps", "batch_size", "max_length", "threads"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.memory >= 0, "--memory", "0 (no memory) or more embeddings", args.memory)
@@ -130,7 +129,7 @@ def train_projection(train: torch.Tensor, width: int, memory_size: int, args) ->
 
 
 def pca_projection(train: torch.Tensor, width: int) -> torch.nn.Linear:
-    """The classical baseline: the top principal directions of the train embeddings."""
+    """The classical baseline: the top principal directions of the train embeddings (width < their count)."""
     mean = train.mean(0)
     _, _, vt = torch.linalg.svd(train - mean, full_matrices=False)
     projection = torch.nn.Linear(train.shape[1], width)
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = args.model or minilm()
+    model_dir = args.model or minilm("pass --model DIR")
     spec = load_student(model_dir)
     require(spec.family == "sentence-transformers", f"{model_dir}", "a sentence-transformers BERT folder", spec.family)
     require(args.width <= spec.embedding_dim, "--width", f"at most the encoder's embedding width {spec.embedding_dim}", args.width)
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     train_docs, held_docs = split(load_corpus(args.corpus))
     train_texts = [d.text for d in spread(train_docs, args.max_texts)]
     held_texts = [d.text for d in spread(held_docs, args.max_texts)]
+    require(args.width < len(train_texts), "--width", f"at most {len(train_texts) - 1}: the PCA baseline finds no more components in "
+            f"{len(train_texts)} train texts (more with --max-texts)", args.width)
     args.out.mkdir(parents=True, exist_ok=True)
 
     phase(f"embedding {len(train_texts)} train and {len(held_texts)} held-out texts with the frozen encoder")
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     projections = {f"S-XBM, memory {args.memory}": train_projection(train, args.width, args.memory, args),
                    "same, without memory": train_projection(train, args.width, 0, args),
                    "PCA (no training)": pca_projection(train, args.width)}
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
     print(f"\nrecall@10 of the {args.width}-d projected space against the full {spec.embedding_dim}-d one, {len(held_texts)} held-out texts")
     print("| projection | recall@10 |\n|---|---:|")
     with torch.no_grad():
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     phase("compiling with edgecompile build")
     samples = [held_texts[i] for i in np.linspace(0, len(held_texts) - 1, min(24, len(held_texts))).astype(int)]
     build_bundle(model_dir, masks_file, model_dir, args.out / "bundle", samples)
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CORPUS_FILE, FAMILIES, load_corpus, split, spread  # noqa: E402
-from recipe_common import (OUT, RecipeParser, build_bundle, cpu_flags, cycle_shuffled, length_batches,  # noqa: E402
-                           minilm, phase, require, require_file, run_recipe, write_trivial_masks)
+from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flags, cycle_shuffled, done,  # noqa: E402
+                    finished, length_batches, minilm, phase, require, require_file, run_recipe,
+                    write_trivial_masks)
 
 from edgecompile.inputs.lowbit import read_sidecar  # noqa: E402
 from edgecompile.reference.lowbit_plan import materialize, resolve_plan  # noqa: E402
@@ -70,11 +71,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-texts", type=int, default=None, help="use at most this many train and held-out texts each [default: all]")
     parser.add_argument("--max-grad-norm", type=float, default=1.0,
                         help="clip the student's gradient norm (transformers' Trainer default; 0 = no clipping) [default: %(default)s]")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
-    parser.add_argument("--seed", type=int, default=0, help="[default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=50, help="round-robin latency runs [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "xtc", help="output folder [default: %(default)s]")
-    parser.add_argument("--short", action="store_true", help="tiny settings (40 texts, 3 steps) to check the pipeline in seconds")
+    add_run_arguments(parser, "40 texts, 3 steps")
     args = parser.parse_args(argv)
     if args.short:
         args.steps, args.head_epochs, args.max_texts, args.bench_runs = 3, 2, 40, 3
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    encoder_dir = args.model or minilm()
+    encoder_dir = args.model or minilm("pass --model DIR")
     spec = load_student(encoder_dir)
     require(spec.family == "sentence-transformers", f"{encoder_dir}", "a sentence-transformers BERT folder", spec.family)
     layers = parse_layers(args.teacher_layers, spec.num_layers)
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(teacher_dir)
     teacher.save_pretrained(str(teacher_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(teacher_dir))
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
 
     student = make_student(teacher, layers)
     untrained_dir = save_student(student, teacher_dir, args.out / "student_binarized_untrained", binary_embeddings)
@@ -286,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.schedule}, {args.steps} steps (hidden, attention, logit losses)")
     train_student(student, teacher, train_batches, layers, args)
     student_dir = save_student(student, teacher_dir, args.out / "student", binary_embeddings)
-    print(f"  ({time.perf_counter() - t:.0f} s)")
+    done(t)
 
     phase(f"held-out accuracy ({len(held_docs)} texts), each checkpoint run as edgecompile's parity oracle runs it")
     majority = float((held_labels == torch.mode(train_labels).values).float().mean())
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {size[name] / 1e6:.2f} MB | {p50[name]:.2f} |")
     print(f"student vs fp32 teacher: {size['teacher'] / size['student']:.1f}x smaller, {p50['teacher'] / p50['student']:.2f}x faster "
           f"({args.bench_runs} round-robin runs; {cpu_flags()})")
-    print(f"recipe finished in {time.perf_counter() - started:.0f} s")
+    finished(started)
 
 
 if __name__ == "__main__":

