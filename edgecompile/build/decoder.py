@@ -306,7 +306,7 @@ class DecoderPipeline:
         models, progress = self.models, self.progress
         folder = root / target.name
         with progress.step(f"lowering graphs for target '{target.name}' ({', '.join(target.steps) or 'no steps'})"):
-            lowbit = GraphLowBit.from_plan(models.lowbit, prefix="") if models.lowbit else None
+            lowbit = GraphLowBit.from_plan(models.lowbit, models.family.graph_prefix) if models.lowbit else None
             lowered, lowering = lower_for_target(self.graphs, target, lowbit)
         lowbit_graphs = sorted(n for n, r in lowering.items() if r.get("lowbit", {}).get("linear_groups"))
         quantized = sorted(n for n, r in lowering.items() if r.get("weights", {}).get("quantized") or r.get("weights", {}).get("exact_2bit"))

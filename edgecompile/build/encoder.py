@@ -1,4 +1,4 @@
-"""The encoder pipeline (BERT family): load the student and router, export the dense student once, rewrite one graph
+"""The encoder pipeline (the BERT family, looked up like any family): load the student and router, export the dense student once, rewrite one graph
 per cluster, compute the PyTorch reference, then per target lower / write / check (targets.py) and the manifest."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 from edgecompile.build.request import BuildRequest, ValidatedInputs
 from edgecompile.build.router import LoadedRouter, check_vocab, load_router, max_length
 from edgecompile.build.targets import GraphSet, TargetOutcome, build_target
+from edgecompile.families import family_of
 from edgecompile.inputs.lowbit import LowBitPlan, summarize_plan
 from edgecompile.inputs.masks import ClusterMasks
 from edgecompile.inputs.student import StudentSpec
@@ -22,7 +23,7 @@ from edgecompile.progress import Progress
 
 @dataclass
 class LoadedModels:
-    student: Any  # families.bert_model.StudentModule
+    student: Any  # the family's reference module (BERT: families/bert_model.StudentModule)
     router: LoadedRouter
     tokenizer_spec: StudentSpec  # whose tokenizer files the student uses (its own, or the router encoder's)
     max_length: int
@@ -49,11 +50,10 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     import torch
 
     from edgecompile.check.parity import check_fits
-    from edgecompile.families.bert_model import load_student_module
     from edgecompile.reference.lowbit_plan import materialize, resolve_plan
 
     torch.manual_seed(0)
-    student = load_student_module(inputs.student)
+    student = family_of(inputs.student).load_model(inputs.student)
     lowbit = resolve_plan(inputs.student, inputs.lowbit_sidecar, student.model)
     materialize(student.model, lowbit)
     router = load_router(inputs)
@@ -68,31 +68,23 @@ def load_models(inputs: ValidatedInputs) -> LoadedModels:
     return LoadedModels(student, router, tokenizer_spec, length, samples, lowbit)
 
 
-def bert_heads_present(spec: StudentSpec) -> tuple[np.ndarray, ...]:
-    from edgecompile.families.bert_model import heads_present
-
-    return heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
-
-
 def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Progress) -> CompiledGraphs:
     from edgecompile.bundle.accounting import parameter_count
     from edgecompile.bundle.router_cost import router_entry
-    from edgecompile.families.bert import BertStructure, export_student, kept_structure, macs_per_token
-    from edgecompile.families.bert_model import GRAPH_PREFIX
     from edgecompile.families.router import export_router
     from edgecompile.passes.pipeline import build_cluster_graph
 
     spec, masks, student = inputs.student, inputs.masks, models.student
+    family = family_of(spec)
     with progress.step("exporting the dense student and the router (once)"):
-        dense = export_student(student)
+        dense = family.export(student)
         router = export_router(models.router.module)
         progress.note(f"dense: {len(dense.graph)} nodes; router: {len(router.graph)} nodes")
-    lowbit_modules = frozenset(GRAPH_PREFIX + p.module for p in models.lowbit.linears)
-    structure = BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules,
-                              bert_heads_present(spec))
+    lowbit_modules = frozenset(family.graph_prefix + p.module for p in models.lowbit.linears)
+    structure = family.structure(spec, student, lowbit_modules)
     graphs = {"router": router, "dense": dense}
-    dense_kept = kept_structure(spec, all_kept(masks.clusters[0]))
-    dense_macs = macs_per_token(spec, dense_kept)
+    dense_kept = family.kept_structure(spec, all_kept(masks.clusters[0]))
+    dense_macs = family.macs_per_token(spec, dense_kept)
     dense_entry = {"graph": "dense", "parameters": parameter_count(dense), "macs_per_token": dense_macs, "nodes": len(dense.graph),
                    "kept": dense_kept}
     entries = []
@@ -100,8 +92,8 @@ def compile_graphs(inputs: ValidatedInputs, models: LoadedModels, progress: Prog
         for cluster in masks.clusters:
             name = f"cluster_{cluster.index}"
             graphs[name] = graph = build_cluster_graph(dense, structure, cluster)
-            kept = kept_structure(spec, cluster)
-            macs = macs_per_token(spec, kept)
+            kept = family.kept_structure(spec, cluster)
+            macs = family.macs_per_token(spec, kept)
             ratio = macs["total"] / dense_macs["total"] if dense_macs["total"] else None
             entries.append({
                 "id": cluster.index,
@@ -130,7 +122,6 @@ class EncoderPipeline:
 
     def prepare(self) -> None:
         """Load, export once, rewrite per cluster, and run the PyTorch reference on the samples."""
-        from edgecompile.families.bert import bert_gates
         from edgecompile.lowering.steps import GraphLowBit
         from edgecompile.reference.evaluate import cluster_outputs, router_outputs
         from edgecompile.reference.lowbit import QuantizedLinears
@@ -144,7 +135,8 @@ class EncoderPipeline:
         with progress.step("PyTorch reference on samples"):
             quantized = QuantizedLinears(models.student.model, {p.module: (p.activation, p.static_scale) for p in models.lowbit.linears})
             try:
-                reference = cluster_outputs(models.student, bert_gates(models.student.bert), inputs.masks.clusters, models.samples)
+                reference = cluster_outputs(models.student, family_of(inputs.student).gates(models.student), inputs.masks.clusters,
+                                            models.samples)
             finally:
                 quantized.remove()
             reference["router"] = router_outputs(models.router.module, models.router.samples)
@@ -152,7 +144,7 @@ class EncoderPipeline:
         self.quantized = quantized.quantized
         self.student_tokenizer_files = models.tokenizer_spec.tokenizer_files()
         self.job = GraphSet(self.compiled.graphs, reference, models.samples, models.router.samples,
-                            GraphLowBit.from_plan(models.lowbit), self.request.threads)
+                            GraphLowBit.from_plan(models.lowbit, family_of(inputs.student).graph_prefix), self.request.threads)
 
     @property
     def stored_reference(self) -> dict[str, Any]:
@@ -165,8 +157,9 @@ class EncoderPipeline:
         if not groups or not self.quantized:
             return []
         spec = self.inputs.student
+        family = family_of(spec)
         integer = IntegerReference(self.quantized, spec.head_size, self.models.samples, self.request.threads,
-                                   bert_heads_present(spec))
+                                   family.heads_present(spec), family.graph_prefix)
         masks = {f"cluster_{c.index}": c for c in self.inputs.masks.clusters}
         with self.progress.step(f"integer exactness of low-bit Linears on '{target.name}' (teacher-forced)"):
             return [check_integer_linears(target, name, lowered[name], group, masks.get(name), integer)

@@ -34,14 +34,14 @@ def check_vocab(spec: StudentSpec, tokenizer, source: Path) -> None:
 
 
 def load_router(inputs: ValidatedInputs) -> LoadedRouter:
-    from edgecompile.families.bert_model import load_student_module
+    from edgecompile.families import family_of
     from edgecompile.reference.router import RouterModule, TransformerSentenceEncoder, load_static_encoder
 
     masks, spec = inputs.masks, inputs.router
     if spec.kind == "static":
         encoder = load_static_encoder(spec.path)
     else:
-        encoder = TransformerSentenceEncoder(load_student_module(spec.encoder), spec.layers)
+        encoder = TransformerSentenceEncoder(family_of(spec.encoder).load_model(spec.encoder), spec.layers)
     router = RouterModule(encoder, masks.centroids, masks.metric, masks.projection_weight, masks.projection_bias).eval()
     tokenizer = load_router_tokenizer(spec, spec.tokenization)
     if spec.kind == "transformer":

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from edgecompile.build.request import BuildRequest, ValidatedInputs
 from edgecompile.errors import input_error
-from edgecompile.families import load_student
+from edgecompile.families import family_of, load_student
 from edgecompile.families.router import load_router
 from edgecompile.inputs.lowbit import read_sidecar
 from edgecompile.inputs.masks import load_masks
@@ -67,22 +65,8 @@ def describe(inputs: ValidatedInputs, progress: Progress) -> None:
     progress.note(f"router {inputs.router.name}: {inputs.router.description}, width {inputs.router.embedding_dim}; "
                   + ("the masks file names this router" if inputs.router_checked else
                      "the masks file names no router (metadata router.encoder.*): centroids not checked against it"))
-    if not spec.is_decoder:
-        note_pruned_heads(inputs, progress)
+    for note in family_of(spec).notes(spec, masks):
+        progress.note(note)
     if spec.ignored_fields:
         progress.note(f"config.json fields transformers' config class neither defines nor reads, ignored as bookkeeping "
                       f"(manifest: student.config_fields_ignored): {', '.join(spec.ignored_fields)}")
-
-
-def note_pruned_heads(inputs: ValidatedInputs, progress: Progress) -> None:
-    """Say which heads the checkpoint already lacks, and which clusters' gates for them have nothing to act on."""
-    from edgecompile.families.bert_model import parse_pruned_heads
-
-    pruned = parse_pruned_heads(inputs.student.config.get("pruned_heads"))
-    if not pruned:
-        return
-    listed = "; ".join(f"layer {layer}: {', '.join(map(str, heads))}" for layer, heads in sorted(pruned.items()))
-    gated = [c.index for c in inputs.masks.clusters
-             if any(np.any(c.heads[layer, list(heads)] != 0) for layer, heads in pruned.items())]
-    progress.note(f"the checkpoint was saved after prune_heads ({listed}): those heads are absent from every graph"
-                  + (f"; non-zero gates for them (clusters {', '.join(map(str, gated))}) have nothing to act on" if gated else ""))

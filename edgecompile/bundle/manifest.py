@@ -41,10 +41,11 @@ def _router_encoder(router: Any) -> dict[str, Any]:
 
 def build_manifest(inputs: Any, models: Any, compiled: Any, written: Any) -> dict[str, Any]:
     """An encoder bundle's manifest (`written`: build/publish.Written)."""
-    from edgecompile.families.bert import OPSET
+    from edgecompile.families import family_of
     from edgecompile.inputs.lowbit import describe_plan
 
     spec, masks = inputs.student, inputs.masks
+    family = family_of(spec)
     target_entries, graph_bytes, files = written.target_entries, written.graph_bytes, written.files
     tokenizers, reference = written.tokenizers, written.reference
     targets = list(target_entries)
@@ -62,14 +63,14 @@ def build_manifest(inputs: Any, models: Any, compiled: Any, written: Any) -> dic
     return {
         "schema": SCHEMA_VERSION,
         "tool": tool_versions(),
-        "export_opset": OPSET,  # each graph's own opset (after its target's steps) is under targets.*.graphs
+        "export_opset": family.opset,  # each graph's own opset (after its target's steps) is under targets.*.graphs
         "student": {
             "name": spec.path.name,
             "family": spec.family,
             "architecture": spec.architecture,
             "weights_sha256": sha256_file(spec.transformer_dir / "model.safetensors"),
             "layers": spec.num_layers, "heads": spec.num_heads, "head_size": spec.head_size,
-            **pruned_heads_entry(spec.config),
+            **family.manifest_fields(spec),
             "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
             "outputs": list(models.student.output_names),
             **({"pooling": spec.pooling_mode, "normalize": spec.normalize} if spec.family == "sentence-transformers" else {}),
@@ -87,14 +88,6 @@ def build_manifest(inputs: Any, models: Any, compiled: Any, written: Any) -> dic
         "parity": {"passed": True, "report": "parity.md", "data": "parity.json", "reference_outputs": reference["outputs"]},
         "files": files,
     }
-
-
-def pruned_heads_entry(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint saved after prune_heads lacks these heads (original ids) in every graph, whatever the masks say."""
-    from edgecompile.families.bert_model import parse_pruned_heads
-
-    pruned = parse_pruned_heads(config.get("pruned_heads"))
-    return {"pruned_heads": {str(layer): list(heads) for layer, heads in sorted(pruned.items())}} if pruned else {}
 
 
 def router_manifest(inputs: Any, max_length: int, tokenizer: str, entry: dict[str, Any],
@@ -129,7 +122,6 @@ def router_section(inputs: Any, max_length: int, tokenizer: str) -> dict[str, An
 def build_decoder_manifest(inputs: Any, models: Any, entries: list[dict[str, Any]], router: dict[str, Any], written: Any,
                            new_tokens: int, student: dict[str, Any]) -> dict[str, Any]:
     """The manifest of a decoder bundle: as an encoder's, plus per graph its KV cache and onnxruntime-genai folder."""
-    from edgecompile.families.decoder import OPSET
     from edgecompile.inputs.lowbit import describe_plan
 
     masks, dims = inputs.masks, models.dims
@@ -145,7 +137,7 @@ def build_decoder_manifest(inputs: Any, models: Any, entries: list[dict[str, Any
     return {
         "schema": SCHEMA_VERSION,
         "tool": tool_versions(),
-        "export_opset": OPSET,
+        "export_opset": models.family.opset,
         "student": {
             **student,
             "tokenizer": tokenizers["student"],

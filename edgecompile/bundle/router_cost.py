@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.families.bert import macs_per_token
+from edgecompile.families import family_of
 from edgecompile.inputs.masks import MaskSet
 from edgecompile.inputs.router import RouterSpec
 
@@ -17,7 +17,7 @@ def router_macs_per_token(spec: RouterSpec, masks: MaskSet, sequence: int = 128)
     if spec.kind == "transformer":
         e = spec.encoder
         layers = [{"heads": list(range(e.num_heads)), "neurons": e.intermediate_size} for _ in range(spec.layers)]
-        encoder = macs_per_token(e, {"layers": layers}, sequence)["total"]
+        encoder = family_of(e).macs_per_token(e, {"layers": layers}, sequence)["total"]
     k, routed = masks.centroids.shape
     head = routed * k + (int(np.prod(masks.projection_weight.shape)) if masks.projection_weight is not None else 0)
     return {"sequence": sequence, "encoder": encoder, "per_sequence": head, "total": encoder + head // sequence}

@@ -29,7 +29,6 @@ from edgecompile.numerics import kept_units
 from edgecompile.check.parity import Comparison, batches
 from edgecompile.passes.branch_edits import unit_features
 from edgecompile.reference.lowbit import QuantLinear, activation_scale, quantize_activation
-from edgecompile.families.bert_model import GRAPH_PREFIX
 from edgecompile.runtime.sessions import session_options
 from edgecompile.lowering.targets import Target
 from edgecompile.inputs.tokens import Encoded
@@ -65,6 +64,7 @@ class IntegerReference:
     samples: list[Encoded]
     threads: int = 0
     heads_present: Sequence[np.ndarray] | None = None  # per layer, the original head ids the checkpoint holds
+    prefix: str = ""  # what graph module paths put before the Hugging Face names (the family's graph_prefix)
 
 
 def check_integer_linears(target: Target, graph_name: str, model: ir.Model, groups: list[dict[str, Any]],
@@ -101,7 +101,7 @@ def check_integer_linears(target: Target, graph_name: str, model: ir.Model, grou
     worst_abs = worst_rel = 0.0
     with torch.no_grad():
         for i, group in enumerate(groups):
-            quant_names = [m.removeprefix(GRAPH_PREFIX) for m in group["modules"]]
+            quant_names = [m.removeprefix(reference.prefix) for m in group["modules"]]
             x_name, codes_name, y_name = (values[f"{i}.{role}"].name for role in ("input", "codes", "output"))
             for batch in range(len(captured[x_name])):
                 x = captured[x_name][batch]

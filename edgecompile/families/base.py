@@ -46,6 +46,16 @@ class Family:
         """Refuse (one line naming the field) any config this family would not compile exactly."""
         raise NotImplementedError
 
+    @classmethod
+    def notes(cls, spec: Any, masks: Any) -> list[str]:
+        """Lines the build prints about a checkpoint of this family (none by default)."""
+        return []
+
+    @classmethod
+    def manifest_fields(cls, spec: Any) -> dict[str, Any]:
+        """What the manifest's student section adds for this family (nothing by default)."""
+        return {}
+
 
 def register(family: type[Family]) -> type[Family]:
     """Class decorator: make `family` the one for its model types."""

@@ -293,6 +293,63 @@ class Bert(Family):
         check_pruned_heads(path, config)  # implemented on both majors (families/bert_model.py)
         return ConfigCheck(architecture)
 
+    opset = OPSET
+    graph_prefix = "model."  # the exported module paths put StudentModule's `model.` before the Hugging Face names
+
+    @classmethod
+    def load_model(cls, spec: StudentSpec) -> Any:
+        """The reference: transformers' BertModel in a StudentModule with the graph's signature (families/bert_model.py)."""
+        from edgecompile.families.bert_model import load_student_module
+
+        return load_student_module(spec)
+
+    @classmethod
+    def export(cls, student: Any) -> ir.Model:
+        return export_student(student)
+
+    @classmethod
+    def structure(cls, spec: StudentSpec, student: Any, lowbit_modules: frozenset[str] = frozenset()) -> "BertStructure":
+        return BertStructure(student.encoder_path, spec.num_layers, spec.num_heads, spec.head_size, lowbit_modules,
+                             cls.heads_present(spec))
+
+    @classmethod
+    def heads_present(cls, spec: StudentSpec) -> tuple[np.ndarray, ...]:
+        """Per layer, the original ids of the heads the checkpoint holds (one saved after prune_heads lacks some)."""
+        return heads_present(spec.num_layers, spec.num_heads, spec.config.get("pruned_heads"))
+
+    @classmethod
+    def gates(cls, student: Any) -> Any:
+        return bert_gates(student.bert)
+
+    @classmethod
+    def kept_structure(cls, spec: StudentSpec, masks: ClusterMasks) -> dict[str, Any]:
+        return kept_structure(spec, masks)
+
+    @classmethod
+    def macs_per_token(cls, spec: StudentSpec, kept: dict[str, Any], sequence: int = 128) -> dict[str, int]:
+        return macs_per_token(spec, kept, sequence)
+
+    @classmethod
+    def notes(cls, spec: StudentSpec, masks: Any) -> list[str]:
+        """What the build should say about this checkpoint: the heads it already lacks, and gates with nothing to act on."""
+        from edgecompile.families.bert_model import parse_pruned_heads
+
+        pruned = parse_pruned_heads(spec.config.get("pruned_heads"))
+        if not pruned:
+            return []
+        listed = "; ".join(f"layer {layer}: {', '.join(map(str, heads))}" for layer, heads in sorted(pruned.items()))
+        gated = [c.index for c in masks.clusters if any(np.any(c.heads[layer, list(heads)] != 0) for layer, heads in pruned.items())]
+        return [f"the checkpoint was saved after prune_heads ({listed}): those heads are absent from every graph"
+                + (f"; non-zero gates for them (clusters {', '.join(map(str, gated))}) have nothing to act on" if gated else "")]
+
+    @classmethod
+    def manifest_fields(cls, spec: StudentSpec) -> dict[str, Any]:
+        """A checkpoint saved after prune_heads lacks these heads (original ids) in every graph, whatever the masks say."""
+        from edgecompile.families.bert_model import parse_pruned_heads
+
+        pruned = parse_pruned_heads(spec.config.get("pruned_heads"))
+        return {"pruned_heads": {str(layer): list(heads) for layer, heads in sorted(pruned.items())}} if pruned else {}
+
     @classmethod
     def student_spec(cls, checkpoint: Any, check: ConfigCheck, weight_names: set[str]) -> StudentSpec:
         """The StudentSpec of a checked folder: which of the three BERT kinds, and what its graph outputs."""

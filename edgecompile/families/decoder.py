@@ -113,6 +113,8 @@ class DecoderFamily(Family):
     """A decoder LM family; subclasses set the class attributes (and override hooks where the graph differs)."""
 
     task = CAUSAL_LM
+    opset = OPSET
+    graph_prefix = ""  # the graph's module paths are the Hugging Face names
     genai_type: ClassVar[str]  # onnxruntime-genai's model type (genai_config.json model.type)
     config_class: ClassVar[str]  # transformers' config class, e.g. "LlamaConfig"
     model_class: ClassVar[str]  # transformers' causal LM, e.g. "LlamaForCausalLM"

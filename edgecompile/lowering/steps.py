@@ -17,7 +17,6 @@ from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, RemoveUnus
 
 from edgecompile.inputs.lowbit import LowBitPlan
 from edgecompile.passes.lower_lowbit_linears import ActivationQuant
-from edgecompile.families.bert_model import GRAPH_PREFIX
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,8 @@ class GraphLowBit:
         return not self.linears and self.embedding is None
 
     @classmethod
-    def from_plan(cls, plan: LowBitPlan, prefix: str = GRAPH_PREFIX) -> "GraphLowBit":
-        """`prefix`: what the graph's module paths put before the Hugging Face names (BERT's wrapper: "model.")."""
+    def from_plan(cls, plan: LowBitPlan, prefix: str) -> "GraphLowBit":
+        """`prefix`: what the graph's module paths put before the Hugging Face names (the family's graph_prefix)."""
         return cls(
             {prefix + p.module: ActivationQuant(p.activation, p.static_scale) for p in plan.linears},
             None if plan.embedding is None else prefix + plan.embedding.module,
