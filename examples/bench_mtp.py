@@ -1,6 +1,6 @@
 """Multi-token-prediction benchmark (issue 10): self-speculative decoding against plain greedy, n = 2 and 4.
 
-For each n, a student in the checkpoint contract of README "Multi-token prediction heads" is built
+For each n, a student in the checkpoint contract of docs/decoders.md "Multi-token prediction heads" is built
 with edgecompile (one cluster keeping everything; the build proves speculative tokens identical to
 greedy), then its graph decodes the same prompts greedily and speculatively with onnxruntime, one
 thread, round robin (one greedy and one speculative generation per prompt per round), medians. Greedy

@@ -1,6 +1,6 @@
 """Checkpoints the examples write themselves, through tokenizers, transformers and safetensors directly:
 a byte-level BPE tokenizer trained offline, a random-weight Llama, and multi-token-prediction heads added
-to or taken from a Llama checkpoint (the contract of README "Multi-token prediction heads": tensors
+to or taken from a Llama checkpoint (the contract of docs/decoders.md "Multi-token prediction heads": tensors
 `extra_heads.{j}.*` named as a LlamaDecoderLayer's, `n_future_tokens` in config.json)."""
 
 from __future__ import annotations

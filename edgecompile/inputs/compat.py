@@ -1,6 +1,6 @@
 """Which releases of the Hugging Face libraries are installed, for code that must differ between them.
 
-edgecompile supports transformers 4.57 and 5.x (two CI lanes; README, Development). Code that depends
+edgecompile supports transformers 4.57 and 5.x (two CI lanes; docs/development.md). Code that depends
 on the major asks here instead of probing attributes, so every difference is findable by one name.
 Read from package metadata: asking does not import transformers.
 """

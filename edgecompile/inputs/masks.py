@@ -1,6 +1,6 @@
 """The masks file: router centroids (+ optional projection) and per-cluster block / head / neuron gates.
 
-Format `edgecompile-masks/1` (safetensors; see README for the contract). After loading, every
+Format `edgecompile-masks/1` (safetensors; see docs/inputs.md for the contract). After loading, every
 cluster has all three gate tensors (absent ones are all-ones) with hard-concrete already applied,
 so nothing downstream needs to know how the masks were stored.
 """

@@ -1,6 +1,6 @@
 """Static QDQ for NPU targets, with onnxruntime's own quantization tools (calibrate -> QDQ).
 
-The recipe (measured on QNN HTP, see README "Targets"): static shapes first; onnxruntime's QNN
+The recipe (measured on QNN HTP, see docs/targets.md): static shapes first; onnxruntime's QNN
 preprocessing (folds the now-static shape chains, fuses Erf into Gelu and ReduceL2/Div into
 LpNormalization, which HTP needs); MinMax calibration over the build's samples; uint16
 activations, uint8 default weights (HTP rejects int8 LayerNorm gamma), and symmetric per-channel

@@ -1,6 +1,6 @@
 """Block, head and neuron gates on a transformer, in eager PyTorch, for every model family.
 
-The semantics (see README "Masks"): a gate multiplies what its unit contributes.
+The semantics (see docs/inputs.md, `--masks`): a gate multiplies what its unit contributes.
 - block gate (layer i, attention|FFN): multiplies the sub-layer's branch, the tensor added to the
   residual stream; whatever is outside the branch (BERT's post-LayerNorm) is untouched.
 - head gate: multiplies that head's slice of the context before the attention output projection.

@@ -1,6 +1,6 @@
 """`edgecompile run`: what an app does with a bundle: route one text, then run that cluster.
 
-Like the app snippet in the README, a text longer than a model's max_seq_length is cut to it (the
+Like the app snippet in the README (docs/bundles.md), a text longer than a model's max_seq_length is cut to it (the
 models were built and checked for that length). It is never cut silently: the result's `truncated`
 says, per model, how many tokens the text had and how many were kept, and the CLI warns on stderr.
 """
