@@ -223,10 +223,10 @@ def main() -> None:
     if args.model == "smollm2" and not args.quick:
         from real_models import smollm2_checkpoint
 
-        checkpoint, layers = smollm2_checkpoint(), 30
+        checkpoint = smollm2_checkpoint()
         blocks, cut = fifth_blocks(30), "skips ~1/5 MACs"
     else:
-        checkpoint, layers = random_checkpoint(work / "llama", args.quick), 8
+        checkpoint = random_checkpoint(work / "llama", args.quick)
         blocks, cut = half_blocks(8), "skips half the sub-layers"
     bundles = {"fp32": build_ours(checkpoint, work, "bundle_fp32", blocks, "cpu"),
                "int4": build_ours(checkpoint, work, "bundle_int4", blocks, "cpu-int4"),

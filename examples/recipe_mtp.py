@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     done(t)
     plot = plot_curves(curve, args.out / "loss_curves.png")
     after = perplexities(model, held_data, args.batch_size)
-    print(f"\n| head | predicts | held-out perplexity (untrained) | held-out perplexity (trained) |\n|---|---|---:|---:|")
+    print("\n| head | predicts | held-out perplexity (untrained) | held-out perplexity (trained) |\n|---|---|---:|---:|")
     for j, (p0, p1) in enumerate(zip(before, after)):
         print(f"| {j} | token t+{j + 1} | {p0:.1f} | {p1:.2f} |")
     first, last = np.mean(curve[:10], axis=0), np.mean(curve[-10:], axis=0)

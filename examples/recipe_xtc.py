@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     size = {name: m["dense"]["bytes"]["cpu"] for name, m in manifests.items()}
     p50 = time_side_by_side({name: path / "cpu" / "dense.onnx" for name, path in bundles.items()}, args.bench_runs,
                             manifests["student"]["student"]["vocab_size"])
-    print(f"\n| graph | bytes on disk | p50 ms (batch 1, sequence 128, 1 thread) |\n|---|---:|---:|")
+    print("\n| graph | bytes on disk | p50 ms (batch 1, sequence 128, 1 thread) |\n|---|---:|---:|")
     for name in bundles:
         print(f"| {name} | {size[name] / 1e6:.2f} MB | {p50[name]:.2f} |")
     print(f"student vs fp32 teacher: {size['teacher'] / size['student']:.1f}x smaller, {p50['teacher'] / p50['student']:.2f}x faster "
