@@ -197,7 +197,7 @@ def verify(bundle_dir: Path, targets: tuple[str, ...], threads: int) -> None:
 @click.option("--threads", type=_threads(1), default=1, show_default=True, help=f"At most {CORES}.")
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per graph and per routed input (round-robin).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option("--samples", type=_existing(), default=None, help="Texts for the routed timing, one per line [default: the build's samples].")
+@click.option("--samples", type=_existing(), default=None, help="Texts, one per line, for the routed timing (encoders) or the speculative decoding of graphs with heads (decoders) [default: the build's samples].")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the report (with its metadata) as JSON here, and the plot beside it (.png).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write the plot (latency and MACs per graph, routed vs dense) to this PNG.")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Decoder bundles: prompt length.")
@@ -208,11 +208,14 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
     """p50/p90 latency of every graph beside the dense export, and routed latency (router + the cluster it
     picks, per input) against dense on real texts.
 
-    Decoder bundles: prefill ms and decode ms per token of every graph (greedy, onnxruntime), with
-    speculative decoding for graphs that have multi-token-prediction heads; --runs rounds (default 5).
+    Decoder bundles: prefill ms and decode ms per token of every graph (greedy, onnxruntime); for graphs with
+    multi-token-prediction heads, speculative decoding on the build's sample prompts (or --samples; chat turns when
+    the tokenizer has a chat template): acceptance per head, and speed against greedy decoding of the same model
+    with and without its heads. --runs rounds (default 5).
     """
     from edgecompile.bundle.store import load_bundle
     from edgecompile.serve.bench import bench_bundle, bench_table, write_plot
+    from edgecompile.serve.bench_settings import BenchSettings
 
     derived_plot = plot_path is None and json_path is not None  # the plot goes beside the JSON: checked alike
     plot_path = plot_path or (json_path.with_suffix(".png") if json_path else None)
@@ -224,7 +227,7 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
             raise InputError(f"{path}: {option}: expected a path outside any bundle, found one inside the bundle {bundle}")
     bundle = load_bundle(bundle_dir)
     decoder = bundle.manifest["student"].get("task") == "causal-lm"
-    other_kind = _given("batch", "sequence", "samples", "plot_path") if decoder else _given("prompt_tokens", "new_tokens")
+    other_kind = _given("batch", "sequence", "plot_path") if decoder else _given("prompt_tokens", "new_tokens")
     if other_kind:
         option = other_kind[0].replace("--plot-path", "--plot")
         raise click.UsageError(f"{option}: this is {'a decoder' if decoder else 'an encoder'} bundle; {option} is for "
@@ -235,14 +238,15 @@ def bench(bundle_dir: Path, target: str | None, batch: int | None, sequence: int
         from edgecompile.serve.bench_decoder import bench_decoder_bundle, decoder_bench_table
 
         runs = runs if click.get_current_context().get_parameter_source("runs").name != "DEFAULT" else 5
-        rows = bench_decoder_bundle(bundle, target, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads,
-                                    runs=runs, warmup=min(warmup, 1))
-        click.echo(decoder_bench_table(rows, prompt_tokens, new_tokens, threads, target or bundle.targets[0]))
+        settings = BenchSettings(threads=threads, runs=runs, warmup=min(warmup, 1), samples=samples,
+                                 prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        decoded = bench_decoder_bundle(bundle, target, settings)
+        click.echo(decoder_bench_table(decoded, settings, target or bundle.targets[0]))
         if json_path:
-            _write_atomically(json_path, json.dumps({"graphs": [asdict(r) for r in rows]}, indent=2) + "\n")
+            _write_atomically(json_path, json.dumps(asdict(decoded), indent=2) + "\n")
         return
-    report = bench_bundle(bundle, target, batch=batch, sequence=sequence, threads=threads, runs=runs, warmup=warmup,
-                          samples=samples)
+    report = bench_bundle(bundle, target, BenchSettings(threads=threads, runs=runs, warmup=warmup, samples=samples,
+                                                        batch=batch, sequence=sequence))
     click.echo(bench_table(report))
     if json_path:
         _write_atomically(json_path, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -70,11 +70,12 @@ def main() -> None:
     print(f"one dense export: {export_s:.2f} s", flush=True)
 
     from edgecompile.serve.bench import bench_bundle, bench_table
+    from edgecompile.serve.bench_settings import BenchSettings
     from edgecompile.bundle.store import load_bundle
 
     k_max = max(args.clusters)
     bundle = load_bundle(args.out / f"bundle_k{k_max}")
-    report = bench_bundle(bundle, runs=args.runs, warmup=5, threads=1, batch=1, sequence=128)
+    report = bench_bundle(bundle, settings=BenchSettings(runs=args.runs, warmup=5, threads=1, batch=1, sequence=128))
     rows, table = report.graphs, bench_table(report)
     print(table)
     print(cpu_flags())

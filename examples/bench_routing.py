@@ -51,6 +51,7 @@ def main() -> None:
     from edgecompile.bundle.store import load_bundle
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
     from edgecompile.serve.bench import bench_bundle
+    from edgecompile.serve.bench_settings import BenchSettings
 
     full = minilm()
     out = args.out
@@ -70,7 +71,7 @@ def main() -> None:
         write_router_masks(masks, centroids, encoder, layers, gates)
         bundle = out / f"bundle_{label.split()[0]}"
         manifest = build(full, masks, encoder, bundle, "cpu", layers)
-        report = bench_bundle(load_bundle(bundle), "cpu", threads=1, runs=runs, warmup=2)
+        report = bench_bundle(load_bundle(bundle), "cpu", BenchSettings(threads=1, runs=runs, warmup=2))
         r = report.routed
         rows.append((label, fitted["agreement"], manifest["router"]["macs_per_token"]["total"],
                      manifest["dense"]["macs_per_token"]["total"], r))

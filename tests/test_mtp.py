@@ -175,7 +175,7 @@ def test_run_speculative_prints_acceptance_and_speedup(mtp_bundle, cli):
     result = json.loads(stdout)
     plain = json.loads(cli("run", out, "--prompt", "Ok", "--max-new-tokens", "24")[1])
     assert result["token_ids"] == plain["token_ids"] and result["speculative"]["identical_to_greedy"] is True
-    assert {"acceptance_rate", "tokens_per_forward_pass", "speedup_vs_greedy"} <= set(result["speculative"])
+    assert {"acceptance_rate", "tokens_per_forward_pass", "speedup_vs_greedy", "speedup_vs_greedy_without_heads"} <= set(result["speculative"])
 
 
 @pytest.mark.parametrize("new_tokens", ["1", "2", "3"])
@@ -206,14 +206,56 @@ def test_missing_or_extra_head_tensors_fail_in_one_line(tmp_path, cli, edit, nee
                           "model.safetensors", *needles)
 
 
-def test_decoder_bench_table_says_its_acceptance_comes_from_a_random_prompt():
-    from edgecompile.serve.bench_decoder import DecoderBenchRow, decoder_bench_table
+@pytest.mark.parametrize("model", ["random_n2", "random_n4"])
+def test_graph_without_heads_is_the_model_before_heads_were_added(tmp_path, mtp_models, model):
+    """runtime/without_heads.py cuts an MTP graph back to `logits`: it must be exactly the export of the checkpoint the
+    heads were added to (same seed: make_llama is deterministic), with no KV cache or input of the heads left."""
+    from edgecompile.runtime.without_heads import without_extra_heads
 
-    plain = DecoderBenchRow("dense", 5.0, 1.0, 1.0, 1.0)
-    heads = DecoderBenchRow("dense", 5.0, 1.0, 1.0, 1.0, 1.4, 0.7, 0.4, 1.4)
-    assert "random token ids" not in decoder_bench_table([plain], 64, 64, 1, "cpu")
-    table = decoder_bench_table([heads], 64, 64, 1, "cpu").splitlines()
-    assert "64 random token ids" in table[1] and "--speculative" in table[1] and table[-1].endswith("| 0.40 | 1.40 |")
+    seed = {"random_n2": 21, "random_n4": 22}[model]
+    _, _, graph, _ = session_for(mtp_models[model])
+    ir.save(graph, tmp_path / "with_heads.onnx")
+    trunk = ort.InferenceSession(without_extra_heads(tmp_path / "with_heads.onnx"), providers=["CPUExecutionProvider"])
+    _, _, _, before = session_for(make_llama(tmp_path / "before", seed=seed))
+    assert [o.name for o in trunk.get_outputs()] == [o.name for o in before.get_outputs()]
+    assert sorted(i.name for i in trunk.get_inputs()) == sorted(i.name for i in before.get_inputs())  # no draft_count
+    for prompt in prompts(4, seed=7):
+        ours, reference = greedy(trunk, prompt, 12, keep_logits=True), greedy(before, prompt, 12, keep_logits=True)
+        assert ours.tokens == reference.tokens
+        assert max(np.abs(a - b).max() for a, b in zip(ours.step_logits, reference.step_logits)) < 1e-5
+
+
+def test_head_acceptance_counts_each_head_only_when_its_draft_was_in_question(mtp_models):
+    _, _, _, session = session_for(mtp_models["predict_well_n4"])
+    fast = speculative_greedy(session, [0, 12, 12], 20, EOS)
+    assert fast.head_acceptance == [1.0, 1.0, 1.0]  # every draft right
+    _, _, _, session = session_for(mtp_models["random_n4"])
+    for prompt in prompts(6, seed=9):
+        fast = speculative_greedy(session, prompt, 24, EOS)
+        assert fast.checked_by_head[0] == fast.forward_passes - 1  # head 1's draft is checked on every decode pass
+        # head j + 1's draft is in question only when head j's was accepted (fewer: the token budget cut the drafts)
+        assert all(c2 <= a1 for c2, a1 in zip(fast.checked_by_head[1:], fast.accepted_by_head))
+        assert sum(fast.accepted_by_head) == fast.accepted
+
+
+def test_bench_measures_speculative_decoding_on_the_sample_prompts_against_the_model_without_heads(mtp_bundle, cli, tmp_path):
+    out, _ = mtp_bundle
+    code, stdout, stderr = cli("bench", out, "--runs", "3", "--new-tokens", "12", "--prompt-tokens", "8", "--json", tmp_path / "b.json")
+    assert code == 0, stderr
+    assert "on the build's 3 sample prompts" in stdout and "head 3 acceptance" in stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["prompt_source"] == "the build's 3 sample prompts" and report["chat"] is False
+    rows = {r["graph"]: r for r in report["speculative"]}
+    assert set(rows) == {"dense", "cluster_0", "cluster_1"}
+    for row in rows.values():
+        assert len(row["head_acceptance"]) == 3 and 0 <= row["acceptance_rate"] <= 1
+        # the heads' own layers and unembeddings cost time in greedy decoding: the model without them is faster
+        assert row["ms_per_token_without_heads"] > 0 and row["ms_per_token_greedy"] > 0
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("Ok\n", encoding="utf-8")
+    code, stdout, stderr = cli("bench", out, "--runs", "3", "--new-tokens", "6", "--prompt-tokens", "4", "--samples", prompts_file)
+    assert code == 0, stderr
+    assert f"speculative decoding on {prompts_file}" in stdout
 
 
 def test_decoder_kernel_benchmark_times_the_xtc_contract_it_names():

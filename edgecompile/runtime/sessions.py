@@ -84,10 +84,12 @@ def configure(options: ort.SessionOptions, target: Target, strict: bool) -> list
     return [(target.provider, provider_options(target)), "CPUExecutionProvider"]
 
 
-def open_session(path: Path, target: Target, options: ort.SessionOptions, providers: list[Any] | None) -> ort.InferenceSession:
-    """InferenceSession with `configure`d options; an onnxruntime failure becomes one line naming the file."""
+def open_session(path: Path, target: Target, options: ort.SessionOptions, providers: list[Any] | None,
+                 model: bytes | None = None) -> ort.InferenceSession:
+    """InferenceSession with `configure`d options (on `model` if given: a graph derived in memory from `path`); an
+    onnxruntime failure becomes one line naming the file."""
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(model if model is not None else str(path), sess_options=options, providers=providers)
     except Exception as exc:
         raise GraphLoadError(f"{path}: onnxruntime could not load it on {target.parity_provider} ({one_line(exc)})") from None
 
@@ -104,14 +106,16 @@ def onnxruntime_refused(exc: BaseException) -> bool:
     return bool(frames) and f"{os.sep}onnxruntime{os.sep}" in frames[-1].filename
 
 
-def create_session(path: Path, target: Target, threads: int = 0, strict: bool | None = None) -> ort.InferenceSession:
+def create_session(path: Path, target: Target, threads: int = 0, strict: bool | None = None,
+                   model: bytes | None = None) -> ort.InferenceSession:
     """A session on the target's parity EP; strict (default: the target's strict_placement) disables fallback."""
     options = session_options(threads)
     providers = configure(options, target, target.strict_placement if strict is None else strict)
-    return open_session(path, target, options, providers)
+    return open_session(path, target, options, providers, model)
 
 
-def bundle_session(bundle: Any, entry: dict[str, Any], graph: str, target: Target, threads: int = 0) -> ort.InferenceSession:
+def bundle_session(bundle: Any, entry: dict[str, Any], graph: str, target: Target, threads: int = 0,
+                   without_heads: bool = False) -> ort.InferenceSession:
     """A session on one graph of a bundle, as every reading command opens it: the file the bundle's layout names
     (bundle/layout.py), checked for what it may ask of onnxruntime (bundle/graph_files.py) before onnxruntime
     sees it; a graph onnxruntime cannot load is the bundle's fault (BundleError, exit 5), never a traceback."""
@@ -119,7 +123,15 @@ def bundle_session(bundle: Any, entry: dict[str, Any], graph: str, target: Targe
 
     path = bundle.graph_file(entry, graph)
     check_graph_file(path)
+    model = None
+    if without_heads:
+        from edgecompile.runtime.without_heads import without_extra_heads
+
+        try:
+            model = without_extra_heads(path)
+        except Exception as exc:  # onnx's parser raises its own types; the file passed check_graph_file
+            raise BundleError(f"{path}: could not read it to drop its extra heads ({one_line(exc)}); run `edgecompile verify`") from None
     try:
-        return create_session(path, target, threads)
+        return create_session(path, target, threads, model=model)
     except GraphLoadError as exc:
         raise BundleError(f"{exc}; run `edgecompile verify`") from None

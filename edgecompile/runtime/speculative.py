@@ -31,10 +31,18 @@ class SpeculativeGeneration:
     accepted: int  # of which head 0 confirmed
     prefill_ms: float
     step_ms: list[float] = field(default_factory=list)
+    # per extra head j (index j - 1): passes in which its draft was checked (every earlier draft accepted), and accepted
+    checked_by_head: list[int] = field(default_factory=list)
+    accepted_by_head: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def head_acceptance(self) -> list[float | None]:
+        """Per extra head, the share of its checked drafts head 0 confirmed (head 1's: of every pass's first draft)."""
+        return [a / c if c else None for a, c in zip(self.accepted_by_head, self.checked_by_head)]
 
     @property
     def tokens_per_pass(self) -> float:
@@ -68,6 +76,7 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
     counts = {i.name for i in session.get_overridable_initializers()} & {DRAFT_COUNT}
     cache = {PAST + n[len(PRESENT):]: v for n, v in results.items() if n.startswith(PRESENT)}
     passes, drafted, accepted, steps = 1, 0, 0, []
+    checked_by_head, accepted_by_head = [0] * len(heads), [0] * len(heads)
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
         drafts = drafts[: max_new_tokens - len(tokens)]  # never verify past the token budget
         fed = [tokens[-1]] + drafts
@@ -84,6 +93,9 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
         while kept < len(drafts) and int(predicted[kept]) == drafts[kept] and drafts[kept] not in eos_token_ids:
             kept += 1
         accepted += kept
+        for j in range(min(kept + 1, len(drafts))):  # drafts after the first rejected one were never in question
+            checked_by_head[j] += 1
+            accepted_by_head[j] += j < kept
         tokens += drafts[:kept] + [int(predicted[kept])]  # an end-of-sequence draft comes back as head 0's own token
         cached += 1 + kept  # the pending token and the accepted drafts; rejected drafts leave the cache
         cache = {PAST + n[len(PRESENT):]: np.ascontiguousarray(v[:, :, :cached]) for n, v in results.items()
@@ -94,4 +106,5 @@ def speculative_greedy(session: ort.InferenceSession, prompt: list[int], max_new
         if token in eos_token_ids:
             tokens = tokens[: i + 1]
             break
-    return SpeculativeGeneration(tokens[:max_new_tokens], passes, drafted, accepted, prefill_ms, steps)
+    return SpeculativeGeneration(tokens[:max_new_tokens], passes, drafted, accepted, prefill_ms, steps, checked_by_head,
+                                 accepted_by_head)

@@ -24,6 +24,7 @@ from edgecompile.bundle.store import MANIFEST, Bundle
 from edgecompile.errors import BundleError, input_error
 from edgecompile.lowering.targets import Target, target_from_dict
 from edgecompile.runtime.sessions import bundle_session
+from edgecompile.serve.bench_settings import BenchSettings
 
 DEFAULT_BATCH, DEFAULT_SEQUENCE = 1, 128
 
@@ -108,22 +109,12 @@ def _macs(bundle: Bundle) -> dict[str, int]:
     return macs
 
 
-def bench_bundle(
-    bundle: Bundle,
-    target_name: str | None = None,
-    *,
-    batch: int | None = None,
-    sequence: int | None = None,
-    threads: int = 1,
-    runs: int = 50,
-    warmup: int = 5,
-    graphs: list[str] | None = None,
-    seed: int = 0,
-    samples: Path | None = None,
-    routed: bool = True,
-) -> BenchReport:
+def bench_bundle(bundle: Bundle, target_name: str | None = None, settings: BenchSettings = BenchSettings()) -> BenchReport:
+    """Every graph on random ids round-robin beside dense, then routed inference on real texts (`settings.samples`)."""
     import onnxruntime
 
+    threads, runs, warmup = settings.threads, settings.runs, settings.warmup
+    batch, sequence = settings.batch, settings.sequence
     entry = bundle.target(target_name)
     target = target_from_dict(entry["target"])
     limit = min(bundle.manifest["student"]["max_seq_length"], bundle.manifest["router"]["max_seq_length"])
@@ -132,12 +123,12 @@ def bench_bundle(
     batch, sequence = resolve_shape(target, batch, sequence)
     if target.dynamic_shapes and sequence > limit:
         raise input_error("--sequence", "sequence length", f"at most {limit} (the models' max_seq_length)", sequence)
-    names = graphs or list(entry["graphs"])
+    names = list(settings.graphs or entry["graphs"])
     sessions, feeds = {}, {}
     for name in names:
         session = bundle_session(bundle, entry, name, target, threads)
         vocab = bundle.manifest["router" if name == "router" else "student"]["vocab_size"]
-        sessions[name], feeds[name] = session, _random_feed(session, batch, sequence, vocab, seed)
+        sessions[name], feeds[name] = session, _random_feed(session, batch, sequence, vocab, settings.seed)
     for _ in range(warmup):
         for name in names:
             sessions[name].run(None, feeds[name])
@@ -163,8 +154,8 @@ def bench_bundle(
         "machine": platform.machine(), "processor": _cpu_name(),
     }
     report = BenchReport(metadata, rows)
-    if routed and {"router", "dense"} <= set(names):
-        report.routed = _bench_routed(bundle, entry, target, sessions, runs, warmup, samples, macs, threads)
+    if settings.routed and {"router", "dense"} <= set(names):
+        report.routed = _bench_routed(bundle, entry, target, sessions, runs, warmup, settings.samples, macs, threads)
         metadata["routed_shape"] = {"batch": 1, "sequence": report.routed.padded_to or "each input's own length"}
     return report
 

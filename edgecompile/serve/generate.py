@@ -55,7 +55,9 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     result = greedy(session, ids, max_new_tokens, eos)
     extra = {}
     if speculative:
-        extra = speculative_summary(session, ids, max_new_tokens, eos, result, f"cluster_{k}")
+        trunk = bundle_session(bundle, entry, f"cluster_{k}", target, threads, without_heads=True) \
+            if "logits_1" in {o.name for o in session.get_outputs()} else None
+        extra = speculative_summary(session, ids, max_new_tokens, eos, result, f"cluster_{k}", trunk)
     return {
         "prompt": prompt,
         **({"chat": True, "system": system} if chat else {}),
@@ -73,12 +75,14 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
 
 
 def speculative_summary(session: ort.InferenceSession, ids: list[int], max_new_tokens: int, eos: frozenset[int],
-                        plain: Generation, graph: str) -> dict:
-    """Speculative decoding's tokens (must be `plain`'s) and its speed-up against greedy decoding.
+                        plain: Generation, graph: str, trunk: ort.InferenceSession | None = None) -> dict:
+    """Speculative decoding's tokens (must be `plain`'s) and its speed-up against greedy decoding: of the same graph,
+    and (given `trunk`, the graph without its heads: runtime/without_heads.py) of the model before heads were added.
 
-    Both loops are timed after `plain` warmed the session, speculative first, then greedy again; each
-    loop's decode time is its median pass times its passes: a plain sum lets one scheduling spike of a
-    loaded machine decide the ratio (0.2x to 3x seen on identical runs of a tiny model).
+    The loops are timed after `plain` warmed the session, speculative first, then greedy again, then greedy
+    without heads (after a warm-up run of its own); each loop's decode time is its median pass times its passes: a
+    plain sum lets one scheduling spike of a loaded machine decide the ratio (0.2x to 3x seen on identical runs of a
+    tiny model).
     """
     from edgecompile.errors import InputError, ParityError
     from edgecompile.runtime.speculative import extra_head_outputs, speculative_greedy
@@ -94,6 +98,17 @@ def speculative_summary(session: ort.InferenceSession, ids: list[int], max_new_t
     plain_pass = float(np.median(timed.decode_ms)) if timed.decode_ms else 0.0
     fast_pass = float(np.median(fast.step_ms)) if fast.step_ms else 0.0
     plain_ms, fast_ms = plain_pass * len(timed.decode_ms), fast_pass * len(fast.step_ms)
+    without_heads = {}
+    if trunk is not None:
+        greedy(trunk, ids, max_new_tokens, eos)  # warm-up
+        base = greedy(trunk, ids, max_new_tokens, eos)
+        if base.tokens != plain.tokens:
+            raise ParityError(f"{graph}: without its heads it gave {base.tokens[:8]}..., with them {plain.tokens[:8]}...; "
+                              "they must be identical")
+        base_pass = float(np.median(base.decode_ms)) if base.decode_ms else 0.0
+        without_heads = {"greedy_without_heads_ms_per_pass": round(base_pass, 3),
+                         "greedy_without_heads_decode_ms": round(base_pass * len(base.decode_ms), 3),
+                         "speedup_vs_greedy_without_heads": round(base_pass * len(base.decode_ms) / fast_ms, 3) if fast_ms else None}
     return {
         "speculative": {
             "identical_to_greedy": True,
@@ -106,6 +121,7 @@ def speculative_summary(session: ort.InferenceSession, ids: list[int], max_new_t
             "decode_ms": round(fast_ms, 3),
             "greedy_decode_ms": round(plain_ms, 3),
             "speedup_vs_greedy": round(plain_ms / fast_ms, 3) if fast_ms else None,
+            **without_heads,
             "timing": "decode ms = median pass ms x passes; both loops timed after a first greedy run warmed the session",
         }
     }
