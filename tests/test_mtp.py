@@ -258,6 +258,55 @@ def test_bench_measures_speculative_decoding_on_the_sample_prompts_against_the_m
     assert f"speculative decoding on {prompts_file}" in stdout
 
 
+def test_onnxruntime_genai_mtp_generator_drafts_with_the_heads_and_gives_the_greedy_tokens(mtp_bundle, tmp_path):
+    """onnxruntime-genai's own og.MtpGenerator on the folders runtime/genai_mtp.py derives: main graph + hidden_states,
+    a head graph without layers; every K up to n-1 gives exactly og.Generator's greedy tokens on the unchanged folder,
+    and its draft counts are those of our heads (head 1's draft at the last committed position)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    if not hasattr(og, "MtpGenerator"):
+        pytest.skip("onnxruntime-genai without MtpGenerator")
+    from edgecompile.runtime.genai_mtp import write_genai_mtp_folders
+
+    out, _ = mtp_bundle
+    decoder = out / "cpu" / "decoder"
+    main_dir, head_dir = write_genai_mtp_folders(decoder, tmp_path / "genai_mtp")
+    plain_model, main, head = og.Model(str(decoder)), og.Model(str(main_dir)), og.Model(str(head_dir))
+    session = ort.InferenceSession(str(decoder / "dense.onnx"), providers=["CPUExecutionProvider"])
+    for prompt in prompts(4, seed=7):
+        params = og.GeneratorParams(plain_model)
+        params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+        plain = og.Generator(plain_model, params)
+        plain.append_tokens(prompt)
+        while not plain.is_done():
+            plain.generate_next_token()
+        expected = [int(t) for t in plain.get_sequence(0)]
+        for k in (1, 2, 3):
+            params = og.GeneratorParams(main)
+            params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
+            params.set_speculative_options(max_draft_tokens=k)
+            fast = og.MtpGenerator(main, head, params)
+            fast.append_tokens(prompt)
+            while not fast.is_done():
+                fast.generate_next_token()
+            assert [int(t) for t in fast.get_sequence()] == expected, k
+            stats = fast.get_stats()
+            assert stats["draft_tokens_evaluated"] > 0 and stats["draft_forward_passes"] >= stats["rounds"]
+        if len(expected) < len(prompt) + 2:  # ended at once
+            continue
+        # the first round's draft is head 1's at the last prompt position
+        ids = np.array([prompt], np.int64)
+        head_1 = session.run(["logits_1"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_cache(session)})[0]
+        params = og.GeneratorParams(main)
+        params.set_search_options(max_length=len(prompt) + 2, do_sample=False)
+        params.set_speculative_options(max_draft_tokens=1)
+        one = og.MtpGenerator(main, head, params)
+        one.append_tokens(prompt)
+        while not one.is_done():
+            one.generate_next_token()
+        accepted = one.get_stats()["draft_tokens_accepted"]
+        assert accepted == int(int(np.argmax(head_1[0, -1])) == expected[len(prompt) + 1])
+
+
 def test_decoder_kernel_benchmark_times_the_xtc_contract_it_names():
     """examples/bench_decoder_kernels.py's W1A8 graph computes what the reference's per-token 8-bit
     activations times ±alpha codes compute, and its 2-bit MatMulNBits packing holds the binary weight
