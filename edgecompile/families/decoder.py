@@ -163,10 +163,13 @@ class DecoderFamily(Family):
         if "head_dim" not in config and config["hidden_size"] % heads:
             raise input_error(path, "'hidden_size' / 'num_attention_heads'", "an integer head size", f"{config['hidden_size']} / {heads}")
         if "rope_parameters" in config and transformers_major() < 5:
+            # name what transformers 4 would use instead: its config class's default rope_theta, no scaling
+            theta = getattr(getattr(transformers, cls.config_class)(), "rope_theta", None)
+            read_as = f"rope_theta {theta:g}" if isinstance(theta, (int, float)) else "its default RoPE"
             raise InputError(
                 f"{path}: field 'rope_parameters' was written by transformers 5; the installed transformers "
-                f"{transformers.__version__} would read this model with other RoPE settings (a different model); "
-                "install transformers>=5"
+                f"{transformers.__version__} would read this model with {read_as} and no scaling "
+                "(a different model); install transformers>=5"
             )
         if "rope_parameters" in config and config.get("rope_scaling"):
             # transformers 5 never writes both; given both it applies rope_scaling, so reading either one alone could

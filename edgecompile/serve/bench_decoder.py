@@ -55,7 +55,7 @@ class SpeculativeRow:
 
 @dataclass
 class DecoderBenchReport:
-    rows: list[DecoderBenchRow]
+    graphs: list[DecoderBenchRow]  # "graphs" in the JSON, as in the encoder report
     speculative: list[SpeculativeRow] = field(default_factory=list)
     prompt_source: str = ""
     chat: bool = False
@@ -167,7 +167,7 @@ def decoder_bench_table(report: DecoderBenchReport, settings: BenchSettings, tar
         "| graph | prefill ms | decode ms/token | decode speed-up vs dense | MACs ratio |",
         "|---|---:|---:|---:|---:|",
     ]
-    for r in report.rows:
+    for r in report.graphs:
         lines.append(f"| {r.graph} | {r.prefill_ms:.2f} | {r.decode_ms_per_token:.3f} | {_fmt(r.decode_speedup_vs_dense, '.3f')} | "
                      f"{_fmt(r.macs_ratio, '.3f')} |")
     if report.speculative:
