@@ -130,10 +130,12 @@ def inspect(bundle_dir: Path, as_json: bool) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Decoder bundles: tokens to generate.")
 @click.option("--speculative", is_flag=True, help="Decoder bundles with multi-token-prediction heads: draft with the extra heads, "
               "verify with the next-token head (tokens identical to greedy); prints acceptance and speed-up.")
+@click.option("--graph", default=None, help="Decoder bundles: decode with this graph (dense, cluster_<k>) instead of the router's "
+              "choice, to compare replies; the router's choice is still reported.")
 @click.option("--target", default=None, help="Target folder of the bundle to use [default: the first].")
 @click.option("--threads", type=_threads(0), default=0, show_default=True, help=f"0 = all cores; at most {CORES}.")
 def run(bundle_dir: Path, text: str | None, prompt: str | None, chat: str | None, system: str | None, max_new_tokens: int,
-        speculative: bool, target: str | None, threads: int) -> None:
+        speculative: bool, graph: str | None, target: str | None, threads: int) -> None:
     """Route one input with router.onnx, run the chosen cluster, print JSON.
 
     Encoder bundles take --text and print the cluster's outputs; a text longer than a model's
@@ -155,13 +157,13 @@ def run(bundle_dir: Path, text: str | None, prompt: str | None, chat: str | None
     else:
         if text is None or prompt is not None:
             raise click.UsageError("this is an encoder bundle: give --text (not --prompt)")
-        if decoder_only := _given("max_new_tokens", "speculative", "chat", "system"):
+        if decoder_only := _given("max_new_tokens", "speculative", "chat", "system", "graph"):
             raise click.UsageError(f"{decoder_only[0]}: this is an encoder bundle; {decoder_only[0]} is for decoder bundles")
     if decoder:
         from edgecompile.serve.generate import route_and_generate
 
         result = route_and_generate(bundle, chat if prompt is None else prompt, max_new_tokens, target, threads, speculative,
-                                    chat=prompt is None, system=system)
+                                    chat=prompt is None, system=system, graph=graph)
         click.echo(json.dumps(result))
         return
     result = route_and_run(bundle, text, target, threads)

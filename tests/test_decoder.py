@@ -272,6 +272,21 @@ def test_run_routes_the_prompt_and_generates_greedily(decoder_bundle, cli):
     assert result["prefill_ms"] > 0 and set(result) >= {"text", "decode_ms_per_token", "distances"}
 
 
+def test_run_graph_decodes_the_named_graph_and_still_reports_the_routers_choice(decoder_bundle, cli):
+    from safetensors.numpy import load_file
+
+    out, _ = decoder_bundle
+    reference = load_file(str(out / "reference" / "outputs.safetensors"))
+    routed = int(reference["router/cluster_id/0001"][0])
+    for graph in ("dense", *(f"cluster_{k}" for k in range(3) if k != routed)):
+        code, stdout, stderr = cli("run", out, "--prompt", PROMPTS[1], "--max-new-tokens", "32", "--graph", graph)
+        assert code == 0, stderr
+        result = json.loads(stdout)
+        assert result["graph"] == graph and result["cluster_id"] == routed
+        assert result["token_ids"] == reference[f"{graph}/greedy_tokens/0001"].tolist()
+    assert_one_line_error(cli("run", out, "--prompt", PROMPTS[1], "--graph", "router"), "--graph", "dense or cluster_0", "'router'")
+
+
 def test_run_decodes_up_to_the_position_limit_and_refuses_prompts_it_cannot_decode(decoder_bundle, cli, tmp_path):
     import shutil
 

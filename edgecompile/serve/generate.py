@@ -10,11 +10,15 @@ from edgecompile.runtime.decode import Generation, greedy
 
 
 def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: str | None = None, threads: int = 0,
-                       speculative: bool = False, *, chat: bool = False, system: str | None = None) -> dict:
+                       speculative: bool = False, *, chat: bool = False, system: str | None = None,
+                       graph: str | None = None) -> dict:
     """What an app does with a decoder bundle: route the prompt once, then decode greedily with that cluster.
 
     With `chat`, the prompt is a user turn of the bundle's chat template (inputs/tokens.prompt_ids); the router
     reads the user's text itself, as the build's parity samples route.
+
+    With `graph` ("dense" or "cluster_<k>"), that graph decodes instead of the router's choice (to compare a routed
+    reply with the dense one); the router still runs and its choice is reported.
 
     With `speculative`, the cluster's multi-token-prediction heads draft and head 0 verifies; the plain
     greedy decoding runs too, for the speed-up and to prove the tokens identical (a difference is a
@@ -44,25 +48,31 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     if len(ids) + max_new_tokens > student["max_seq_length"]:
         raise input_error(option, "prompt tokens + --max-new-tokens",
                           f"at most the model's {student['max_seq_length']} positions", f"{len(ids)} + {max_new_tokens}")
+    decoders = [name for name in entry["graphs"] if name != "router"]
+    if graph is not None and graph not in decoders:
+        raise input_error("--graph", "one of the bundle's graphs", " or ".join(decoders), repr(graph))
     router = bundle_session(bundle, entry, "router", target, threads)
     feed = pad_batch(encode_role(bundle, "router", [prompt]))  # as verify's end-to-end row tokenizes for the router
     cluster_id, distances = router.run(["cluster_id", "distances"], {i.name: feed[i.name] for i in router.get_inputs()})
     k = int(cluster_id.reshape(-1)[0])
-    session = bundle_session(bundle, entry, f"cluster_{k}", target, threads)
-    described = next((c for c in bundle.manifest["clusters"] if c.get("graph") == f"cluster_{k}"), {"graph": f"cluster_{k}"})
+    chosen = graph or f"cluster_{k}"
+    session = bundle_session(bundle, entry, chosen, target, threads)
+    described = next((c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]] if c.get("graph") == chosen),
+                     {"graph": chosen})
     check_kv_cache(bundle.root / MANIFEST, described, ((i.name, i.shape) for i in session.get_inputs()))
     eos = frozenset(student.get("eos_token_ids", []))
     result = greedy(session, ids, max_new_tokens, eos)
     extra = {}
     if speculative:
-        trunk = bundle_session(bundle, entry, f"cluster_{k}", target, threads, without_heads=True) \
+        trunk = bundle_session(bundle, entry, chosen, target, threads, without_heads=True) \
             if "logits_1" in {o.name for o in session.get_outputs()} else None
-        extra = speculative_summary(session, ids, max_new_tokens, eos, result, f"cluster_{k}", trunk)
+        extra = speculative_summary(session, ids, max_new_tokens, eos, result, chosen, trunk)
     return {
         "prompt": prompt,
         **({"chat": True, "system": system} if chat else {}),
         "target": entry["target"]["name"],
         "cluster_id": k,
+        "graph": chosen,
         "distances": [float(x) for x in distances[0]],
         "prompt_tokens": len(ids),
         "token_ids": result.tokens,
