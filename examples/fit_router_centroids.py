@@ -7,9 +7,11 @@ texts. Agreement = the share of held-out texts the cheap router sends to the sam
 
     python examples/fit_router_centroids.py --cheap-encoder DIR [--cheap-layers 2] --out masks.safetensors \
         [--full-encoder DIR] [--clusters 4] [--texts calibration.txt] [--held-out texts.txt]
+    python examples/fit_router_centroids.py --refit MASKS --cheap-encoder MODEL2VEC_DIR [--distill] --out masks_cheap.safetensors
 
-The masks file gets the example gates of make_example_masks.py (or --gates-from another masks file) and
-metadata naming the cheap router, so `edgecompile build --router-encoder DIR [--router-layers n]` checks it.
+The masks file gets the example gates of make_example_masks.py and metadata naming the cheap router; with
+`--refit MASKS` it keeps that file's clusters and gates (its centroids in the full encoder's space define the
+clusters) and only refits the centroids for the cheap router, so `edgecompile build --router-encoder DIR [--router-layers n]` checks it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,32 @@ def write_router_masks(out: Path, centroids: np.ndarray, router_dir: Path, layer
     write_masks(out, clusters, centroids, metadata=router_metadata(load_router(router_dir, layers)))
 
 
+def refit_masks(masks: Path, router_dir: Path, calibration: list[str], held_out: list[str], out: Path,
+                full_dir: Path | None = None) -> float:
+    """`masks` (centroids in the full encoder's space) rewritten to `out` for a cheaper router: the same gates, each
+    centroid the mean of the cheap router's embeddings of the calibration texts nearest to that cluster's full
+    centroid. Returns the share of held-out texts both routers send to the same cluster."""
+    from safetensors.numpy import load_file
+
+    full_dir = full_dir or minilm()
+    tensors = load_file(str(masks))
+    full_centroids = tensors["router.centroids"]
+    labels = nearest(embed(full_dir, calibration), full_centroids)
+    if empty := [k for k in range(len(full_centroids)) if not np.any(labels == k)]:
+        raise SystemExit(f"error: {masks}: cluster(s) {empty} are nearest to none of the {len(calibration)} calibration "
+                         "texts; expected every cluster to have some (give texts of the kind the masks were learned on)")
+    cheap = embed(router_dir, calibration)
+    centroids = np.stack([cheap[labels == k].mean(axis=0) for k in range(len(full_centroids))]).astype(np.float32)
+    agreement = float(np.mean(nearest(embed(full_dir, held_out), full_centroids) == nearest(embed(router_dir, held_out), centroids)))
+    clusters: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if key.startswith("cluster."):
+            _, k, kind = key.split(".", 2)
+            clusters.setdefault(int(k), {})[kind] = value
+    write_router_masks(out, centroids, router_dir, None, clusters)
+    return agreement
+
+
 def example_gates(student_dir: Path, clusters: int) -> dict[int, dict[str, np.ndarray]]:
     from make_example_masks import cluster_gates
 
@@ -129,17 +157,43 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=4)
     parser.add_argument("--texts", type=Path, default=CALIBRATION)
     parser.add_argument("--held-out", type=Path, default=None, help="[default: edgecompile's built-in samples]")
+    parser.add_argument("--corpus", action="store_true",
+                        help="calibrate on 400 texts of the docstrings corpus' train split and measure on 200 of its held-out split "
+                        "(what recipe 1 trains on) "
+                        "instead of --texts / --held-out")
     parser.add_argument("--out", type=Path, default=None, help="write a masks file for the cheap router")
+    parser.add_argument("--distill", action="store_true",
+                        help="first distil --cheap-encoder DIR as a model2vec router from the full encoder (kept if DIR has one)")
+    parser.add_argument("--refit", type=Path, default=None, metavar="MASKS",
+                        help="keep this masks file's clusters and gates: only its centroids are refitted for the cheap router")
     args = parser.parse_args()
 
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
 
     args.full_encoder = args.full_encoder or minilm()
     held_out = text_lines(args.held_out) if args.held_out else list(BUILTIN_SAMPLES)
-    result = fit(args.full_encoder, args.cheap_encoder, args.cheap_layers, text_lines(args.texts), held_out, args.clusters)
+    texts = text_lines(args.texts)
+    if args.corpus:
+        from corpus import load_corpus, split, spread
+
+        train, held = split(load_corpus())  # every family kept, evenly spaced: the means settle well before all texts
+        texts, held_out = [d.text for d in spread(train, 400)], [d.text for d in spread(held, 200)]
+    if args.distill and not (args.cheap_encoder / "model.safetensors").is_file():
+        from edgecompile.families.router import load_router
+
+        width = load_router(args.full_encoder).embedding_dim
+        distill_static_router(args.full_encoder, width, args.cheap_encoder, "drop --distill and give a router folder")
+    if args.refit:
+        if args.out is None or args.cheap_layers is not None:
+            raise SystemExit("error: --refit: expected --out and a model2vec --cheap-encoder (no --cheap-layers)")
+        agreement = refit_masks(args.refit, args.cheap_encoder, texts, held_out, args.out, args.full_encoder)
+        print(f"wrote {args.out}: the clusters and gates of {args.refit}, centroids refitted for {args.cheap_encoder.name}; "
+              f"it routes {agreement:.1%} of {len(held_out)} held-out texts to the cluster {args.full_encoder.name} picks")
+        return
+    result = fit(args.full_encoder, args.cheap_encoder, args.cheap_layers, texts, held_out, args.clusters)
     print(f"cheap router {args.cheap_encoder.name}{f' ({args.cheap_layers} layers)' if args.cheap_layers else ''}: "
           f"agreement with the full encoder's clusters {result['agreement']:.1%} on {len(held_out)} held-out texts "
-          f"({result['calibration_agreement']:.1%} on the {len(text_lines(args.texts))} calibration texts)")
+          f"({result['calibration_agreement']:.1%} on the {len(texts)} calibration texts)")
     if args.out:
         write_router_masks(args.out, result["cheap_centroids"], args.cheap_encoder, args.cheap_layers,
                            example_gates(args.full_encoder, args.clusters))

@@ -326,3 +326,18 @@ def test_quickstart_masks_are_recipe_1s_learned_masks_and_fit_the_real_minilm():
     assert len(masks.clusters) == 4
     for cluster in masks.clusters:  # hard gates, half of MiniLM's 12 sub-layers each (the recipe's default)
         assert set(np.unique(cluster.blocks)) <= {0.0, 1.0} and cluster.blocks.sum() == 6
+
+
+def test_quickstart_llm_masks_remove_the_same_number_of_smollm2_sub_layers_per_cluster():
+    """The LLM quickstart's masks: SmolLM2's 30 layers x (attention, FFN), hard gates, every cluster removing 8
+    (routed costs what one static mask costs), centroids in all-MiniLM-L6-v2's 384-d space, as the README says."""
+    from safetensors.numpy import load_file
+
+    path = EXAMPLES / "masks" / "smollm2_ig_pruning_k4.safetensors"
+    assert "smollm2_ig_pruning_k4.safetensors" in (EXAMPLES / "quickstart_llm.py").read_text()
+    tensors = load_file(str(path))
+    blocks = [tensors[f"cluster.{k}.blocks"] for k in range(4)]
+    assert tensors["router.centroids"].shape == (4, 384) and "cluster.4.blocks" not in tensors
+    for gates in blocks:
+        assert gates.shape == (30, 2) and set(np.unique(gates)) <= {0.0, 1.0} and int((gates == 0).sum()) == 8
+    assert len({g.tobytes() for g in blocks}) > 1, "input-guided masks: not every cluster the same mask"
