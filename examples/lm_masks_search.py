@@ -419,7 +419,7 @@ def train_gates(fast: FastLlama, rows: list[list[int]], teacher: list[torch.Tens
         accelerator.backward(loss)
         opt.step()
         kls.append(float(kl.detach()))
-        kept.append(float(mask.expected_kept_fraction()) * n)
+        kept.append(float(mask.expected_kept_fraction().detach()) * n)
     la = mask.log_alpha.detach().numpy().copy()
     return la, {"kl_last10": float(np.mean(kls[-10:])), "expected_kept_end": kept[-1], "kl_curve": kls}
 

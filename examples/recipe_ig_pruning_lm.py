@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--static-search-texts", type=int, default=24,
                         help="calibration texts scoring the static mask's search (balanced over clusters) [default: %(default)s]")
     parser.add_argument("--search-evals", type=int, default=24, help="exact whole-mask evaluations per search, starts included [default: %(default)s]")
+    parser.add_argument("--static-search-evals", type=int, default=None,
+                        help="evaluations of the static mask's search (K x --search-evals: as many as all cluster searches "
+                             "together) [default: --search-evals]")
     parser.add_argument("--starts", default=",".join(STARTS), help="starts of the cluster searches (own = its gates' top-k) [default: %(default)s]")
     parser.add_argument("--profile-texts", type=int, default=4, help="texts of each cluster's single-removal profile [default: %(default)s]")
     parser.add_argument("--score-stride", type=int, default=2, help="the search scores every n-th position's next token [default: %(default)s]")
@@ -104,13 +107,14 @@ def parse_args(argv: list[str] | None):
         args.search_texts, args.static_search_texts, args.search_evals, args.profile_texts = 3, 4, 4, 2
         args.agree_prompts, args.agree_tokens, args.answer_tokens, args.removed = 2, 4, 16, [2, 4]
         args.max_length, args.train_length, args.samples, args.bench_runs, args.bench_tokens = 32, 32, 3, 3, 8
+    args.static_search_evals = args.search_evals if args.static_search_evals is None else args.static_search_evals
     require(len(args.removed) >= 1 and args.removed[0] >= 1, "--removed", "positive counts of removed sub-layers", args.removed)
     require(args.train_removed in ("largest", "each") or args.train_removed.isdigit(), "--train-removed", "'largest', 'each' or a count",
             args.train_removed)
     require(set(args.starts) <= set(STARTS) and args.starts, "--starts", f"some of {','.join(STARTS)}", ",".join(args.starts))
     require(args.clusters >= 2, "--clusters", "at least 2 (one cluster is the static mask)", args.clusters)
     for name in ("steps", "batch_size", "max_length", "train_length", "cal_texts", "held_texts", "search_texts", "static_search_texts",
-                 "search_evals", "profile_texts", "score_stride", "agree_prompts", "agree_tokens", "answer_tokens", "samples",
+                 "search_evals", "static_search_evals", "profile_texts", "score_stride", "agree_prompts", "agree_tokens", "answer_tokens", "samples",
                  "prompt_tokens", "bench_tokens", "threads"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.bench_runs >= 3, "--bench-runs", "at least 3", args.bench_runs)
@@ -265,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     search_rows["all"] = [i for k in range(K) for i in list(rng.permutation(members[k]))[:per_cluster]][: args.static_search_texts]
     masks: dict[tuple, np.ndarray] = {}
     searches: dict[tuple, dict] = {}
-    t = phase(f"searches at exactly {args.removed} removed: {args.search_evals} exact whole-mask evaluations each, scored by the "
-              "group's own calibration CE")
+    t = phase(f"searches at exactly {args.removed} removed: {args.search_evals} exact whole-mask evaluations per cluster, "
+              f"{args.static_search_evals} for the static mask, scored by the group's own calibration CE")
     scorers = {g: Scorer(fast, [cal_ids[i] for i in search_rows[g]], None, "ce", args.score_stride) for g in groups}
     profiles: dict = {}
     for k in range(K):  # each cluster's single-removal losses: the swap order and a start
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     for n in args.removed:
         masks[("shortgpt", n)], masks[("single-removal", n)] = lowest(block_influence, n), lowest(profiles["all"], n)
         starts = {"own": top_k(log_alpha("all", n), n), "shortgpt": masks[("shortgpt", n)], "single-removal": masks[("single-removal", n)]}
-        masks[("static", n)], searches[("static", n)] = swap_search(scorers["all"], starts, args.search_evals, profiles["all"])
+        masks[("static", n)], searches[("static", n)] = swap_search(scorers["all"], starts, args.static_search_evals, profiles["all"])
         mine = []
         for k in range(K):
             if k % processes == rank:

@@ -213,6 +213,7 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
      "--width: expected at most 9: the PCA baseline finds no more components in 10 train texts (more with --max-texts), found 16"),
     ("recipe_ig_pruning_lm", ["--student", "/nonexistent/llama"], "/nonexistent/llama: expected a LlamaForCausalLM folder"),
     ("recipe_ig_pruning_lm", ["--removed", "0,8"], "--removed: expected positive counts of removed sub-layers, found [0, 8]"),
+    ("recipe_ig_pruning_lm", ["--static-search-evals", "0"], "--static-search-evals: expected at least 1, found 0"),
     ("recipe_ig_pruning_lm", ["--starts", "own,best"], "--starts: expected some of own,static,shortgpt,own-single-removal, found own,best"),
     ("recipe_mtp", ["--n-future", "1"], "--n-future: expected at least 2 (head 0 and one drafting head), found 1"),
     ("recipe_mtp", ["--layers", "1"], "--layers: expected at least 2 (a trunk layer and head 0), found 1"),
