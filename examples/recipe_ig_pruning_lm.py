@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--bench-runs", type=int, default=3, help="edgecompile bench --runs [default: %(default)s]")
     parser.add_argument("--bench-tokens", type=int, default=64, help="prompt and new tokens of each bench round [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning_lm", help="output folder [default: %(default)s]")
-    add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, 2 and 4 removed, searches of 4 evaluations")
+    add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, a quarter and half of the sub-layers removed, searches of 4 evaluations")
     args = parser.parse_args(argv)
     try:
         args.removed = sorted({int(x) for x in args.removed.split(",") if x.strip()})
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None):
     if args.short:
         args.clusters, args.steps, args.cal_texts, args.held_texts = min(args.clusters, 2), 3, 6, 3
         args.search_texts, args.static_search_texts, args.search_evals, args.profile_texts = 3, 4, 4, 2
-        args.agree_prompts, args.agree_tokens, args.answer_tokens, args.removed = 2, 4, 16, [2, 4]
+        args.agree_prompts, args.agree_tokens, args.answer_tokens = 2, 4, 16  # --removed: a quarter and half, once L is known
         args.max_length, args.train_length, args.samples, args.bench_runs, args.bench_tokens = 32, 32, 3, 3, 8
     args.static_search_evals = args.search_evals if args.static_search_evals is None else args.static_search_evals
     require(len(args.removed) >= 1 and args.removed[0] >= 1, "--removed", "positive counts of removed sub-layers", args.removed)
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     require(config.get("model_type") == "llama", f"{args.student}", "a LlamaForCausalLM folder (model_type llama)", config.get("model_type"))
     layers = config["num_hidden_layers"]
     S = 2 * layers
+    if args.short:
+        args.removed = sorted({max(1, S // 4), S // 2})
     require(args.removed[-1] < S, "--removed", f"counts below the student's {S} sub-layers", args.removed)
     args.out.mkdir(parents=True, exist_ok=True)
 
