@@ -26,7 +26,8 @@ static pruning at the same number of removed sub-layers.
 7. Masks files (edgecompile-masks/1) per n; `edgecompile build` compiles those of the largest n (router + K
    clusters, greedy tokens parity-gated), `edgecompile verify`, `edgecompile bench` times decode per graph.
 
-Defaults (about 25 minutes at 1 thread on the 2-core machine, build and bench included; see docs/recipes.md):
+Defaults (measured at 1 thread on the 2-core machine with other jobs beside it, load average about 3: 29.5 minutes,
+of which stage 1 took 23.5 and build + verify + bench 6; figures in docs/recipes.md):
 48 calibration and 24 held-out texts per domain, at most 64 tokens each; gates trained once per group at the
 largest n, 24 steps of 4 texts (48 tokens); searches of 24 exact evaluations on 12 of the cluster's calibration
 texts (the static mask: 24 texts, balanced over clusters), every 2nd position scored; single-removal profiles
@@ -34,7 +35,8 @@ on 4 texts per cluster.
 
     python examples/recipe_ig_pruning_lm.py                    # SmolLM2 (examples/real_models.py), K = 4, 8 and 16 of 60 removed
     python examples/recipe_ig_pruning_lm.py --clusters 8       # the K ablation
-    python examples/recipe_ig_pruning_lm.py --short            # seconds on a tiny model: checks the pipeline, figures meaningless
+    python examples/recipe_ig_pruning_lm.py --static-search-evals 96   # the static search gets the 4 cluster searches' budget
+    python examples/recipe_ig_pruning_lm.py --short --student DIR      # seconds on a small Llama: checks the pipeline, figures meaningless
 """
 
 from __future__ import annotations
