@@ -58,6 +58,9 @@ from common import (OUT, RecipeParser, add_run_arguments, build_bundle, cpu_flag
 from lm_masks_search import (FastLlama, Scorer, ce_sums, chunks_by_length, generate, lowest, pad,  # noqa: E402
                              removal_profile, removed_list, swap_search, top_k, train_gates, unsupported)
 
+from edgecompile.families.router import load_router  # noqa: E402
+from edgecompile.inputs.router import router_metadata  # noqa: E402
+
 STARTS = ("own", "static", "shortgpt", "own-single-removal")
 
 
@@ -394,13 +397,15 @@ def main(argv: list[str] | None = None) -> None:
                                  "hamming between clusters": pairwise, "hamming to static": to_static,
                                  "searches": {str(g): {k: v for k, v in info.items() if k != "history"} for (g, m), info in searches.items() if m == n}}
 
+    # the router the centroids were fitted for, named in every masks file so `edgecompile build` checks it
+    hard = {"mask.kind": "hard", **router_metadata(load_router(router_dir))}
     for n in args.removed:
         write_masks(args.out / f"masks_removed{n}.safetensors", {k: {"blocks": masks[(k, n)].reshape(layers, 2)} for k in range(K)},
-                    centroids, metadata={"mask.kind": "hard"})
+                    centroids, metadata=hard)
         write_masks(args.out / f"masks_static_removed{n}.safetensors", {0: {"blocks": masks[("static", n)].reshape(layers, 2)}},
-                    centroids[:1], metadata={"mask.kind": "hard"})
+                    centroids[:1], metadata=hard)
     masks_file = write_masks(args.out / "masks.safetensors", {k: {"blocks": masks[(k, args.removed[-1])].reshape(layers, 2)} for k in range(K)},
-                             centroids, metadata={"mask.kind": "hard"})
+                             centroids, metadata=hard)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(f"\nwrote {args.out}/masks_removed{{{','.join(map(str, args.removed))}}}.safetensors (and the static masks), results.json; "
           f"{masks_file.name} = the {args.removed[-1]}-removed masks, compiled below")

@@ -182,7 +182,12 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
                              "--out", tmp_path / "out")
     assert code == 0, err
     found, metadata = tensors(tmp_path / "out" / "masks.safetensors")
-    assert metadata == {"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard"}
+    from edgecompile.families.router import load_router
+    from edgecompile.inputs.router import router_metadata
+
+    # the masks name the router their centroids were fitted for, so a build with another router is refused
+    assert metadata == {"format": "edgecompile-masks/1", "router.metric": "l2", "mask.kind": "hard",
+                        **router_metadata(load_router(st_student))}
     assert found["router.centroids"].shape == (2, 32)
     assert all(set(np.unique(found[f"cluster.{k}.blocks"])) <= {0.0, 1.0} and found[f"cluster.{k}.blocks"].sum() == 4 for k in range(2))
     for removed in (2, 4):  # --short removes 2 and 4 of the 8 sub-layers: every mask exactly that many, routed and static alike
