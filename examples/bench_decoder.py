@@ -215,6 +215,47 @@ def decoder_folder(bundle: Path) -> tuple[Path, dict]:
     return bundle / manifest["targets"][target]["genai_folder"], manifest
 
 
+def compare_with_builder(bundle: Path, checkpoint: Path, out: Path, rounds: int, prompt_tokens: int, new_tokens: int,
+                         python: str = sys.executable) -> dict[str, dict[str, float]] | None:
+    """Every graph of a decoder bundle beside onnxruntime-genai's builder (fp32 and int4) of the same checkpoint, driven by
+    onnxruntime-genai, one thread, interleaved per token (round_robin); prints the table and returns the timings. The
+    builder needs transformers 5 in `python`: without it, says so and returns None."""
+    probe = subprocess.run([python, "-c", "import transformers, onnxruntime_genai; print(transformers.__version__)"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0 or int(probe.stdout.strip().split(".")[0] or 0) < 5:
+        print(f"onnxruntime-genai's builder comparison skipped: {python} has no transformers 5 + onnxruntime-genai")
+        return None
+    anchors = {}
+    for precision in ("fp32", "int4"):
+        start = time.perf_counter()
+        anchors[precision] = build_anchor(checkpoint, out / f"builder_{precision}", precision, python)
+        print(f"onnxruntime-genai's model builder -p {precision}: {anchors[precision]}, {folder_bytes(anchors[precision]) / 1e6:.0f} MB "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    folder, manifest = decoder_folder(bundle)
+    target = next(iter(manifest["targets"].values()))
+    kind = target["target"].get("linear_weights", {}).get("format", "fp32")  # what the bundle's Linears are: fp32, int4, int8
+    graphs = {"builder fp32": (anchors["fp32"], "-"), "builder int4": (anchors["int4"], "-"), f"edgecompile {kind} dense": (folder, "dense.onnx")}
+    kept = {}
+    for cluster in manifest["clusters"]:
+        graphs[f"edgecompile {kind} {cluster['graph']}"] = (folder, f"{cluster['graph']}.onnx")
+        kept[f"edgecompile {kind} {cluster['graph']}"] = cluster["macs_ratio_vs_dense"]
+    print(f"decode speed: every graph driven by onnxruntime-genai, 1 thread, {rounds} rounds interleaved per token", flush=True)
+    timings = round_robin(graphs, prompt_tokens, new_tokens, rounds)
+    int4 = timings["builder int4"]["speed_vs_first"]
+    print(f"{cpu_flags()}; prompt {prompt_tokens} tokens, {new_tokens} new tokens; medians; speed = builder fp32 ms / graph ms")
+    print("| graph | weight MACs vs dense | prefill ms | decode ms/token | speed vs builder fp32 | vs builder int4 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in timings.items():
+        ratio = f"{kept[name]:.3f}" if name in kept else ("1.000" if "edgecompile" in name else "—")
+        print(f"| {name} | {ratio} | {t['prefill_ms']:.1f} | {t['decode_ms']:.2f} | {t['speed_vs_first']:.2f}x | "
+              f"{t['speed_vs_first'] / int4:.2f}x |")
+    router = folder_bytes(folder.parent, ["router.onnx", "weights.bin"])
+    print(f"files: builder fp32 {folder_bytes(anchors['fp32']) / 1e6:.0f} MB, builder int4 {folder_bytes(anchors['int4']) / 1e6:.0f} MB; "
+          f"edgecompile's decoder folder (dense + {len(kept)} clusters over one weights.bin) {folder_bytes(folder) / 1e6:.0f} MB "
+          f"+ router {router / 1e6:.1f} MB")
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2", "random"), default="smollm2",

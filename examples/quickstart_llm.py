@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, cpu_flags, edgecompile, folder_bytes, minilm  # noqa: E402
+from common import OUT, edgecompile, folder_bytes, minilm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MASKS = HERE / "masks" / "smollm2_ig_pruning_k4.safetensors"
@@ -55,36 +55,6 @@ def cheap_router_masks(out: Path, masks: Path) -> tuple[Path, Path]:
     print(f"model2vec router: {folder_bytes(router) / 1e6:.1f} MB; centroids refitted on {len(calibration)} calibration texts; "
           f"routes {agreement:.1%} of {len(held_out)} held-out texts to the cluster all-MiniLM-L6-v2 picks")
     return router, refit
-
-
-def compare(bundle: Path, checkpoint: Path, out: Path, rounds: int, prompt_tokens: int, new_tokens: int) -> None:
-    from bench_decoder import build_anchor, decoder_folder, round_robin
-
-    anchors = {}
-    for precision in ("fp32", "int4"):
-        start = step(f"onnxruntime-genai's model builder, -p {precision} (the baseline)")
-        anchors[precision] = build_anchor(checkpoint, out / f"builder_{precision}", precision, sys.executable)
-        print(f"{anchors[precision]}: {folder_bytes(anchors[precision]) / 1e6:.0f} MB ({time.perf_counter() - start:.0f} s)")
-    folder, manifest = decoder_folder(bundle)
-    graphs = {"builder fp32": (anchors["fp32"], "-"), "builder int4": (anchors["int4"], "-"), "edgecompile int4 dense": (folder, "dense.onnx")}
-    kept = {}
-    for cluster in manifest["clusters"]:
-        graphs[f"edgecompile int4 {cluster['graph']}"] = (folder, f"{cluster['graph']}.onnx")
-        kept[f"edgecompile int4 {cluster['graph']}"] = cluster["macs_ratio_vs_dense"]
-    step(f"decode speed: every graph driven by onnxruntime-genai, 1 thread, {rounds} rounds interleaved per token")
-    timings = round_robin(graphs, prompt_tokens, new_tokens, rounds)
-    int4 = timings["builder int4"]["speed_vs_first"]
-    print(f"{cpu_flags()}; prompt {prompt_tokens} tokens, {new_tokens} new tokens; medians; speed = builder fp32 ms / graph ms")
-    print("| graph | weight MACs vs dense | prefill ms | decode ms/token | speed vs builder fp32 | vs builder int4 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, t in timings.items():
-        ratio = f"{kept[name]:.3f}" if name in kept else ("1.000" if "edgecompile" in name else "—")
-        print(f"| {name} | {ratio} | {t['prefill_ms']:.1f} | {t['decode_ms']:.2f} | {t['speed_vs_first']:.2f}x | "
-              f"{t['speed_vs_first'] / int4:.2f}x |")
-    router = folder_bytes(folder.parent, ["router.onnx", "weights.bin"])
-    print(f"files: builder fp32 {folder_bytes(anchors['fp32']) / 1e6:.0f} MB, builder int4 {folder_bytes(anchors['int4']) / 1e6:.0f} MB; "
-          f"edgecompile's decoder folder (dense + {len(kept)} clusters over one weights.bin) {folder_bytes(folder) / 1e6:.0f} MB "
-          f"+ router {router / 1e6:.1f} MB")
 
 
 def main() -> None:
@@ -128,7 +98,9 @@ def main() -> None:
         who = "the dense graph (every sub-layer)" if graph else f"routed: cluster {reply['cluster_id']}"
         print(f"{who} answered ({reply['decode_tokens_per_second']} tokens/s, 1 thread):\n\n{reply['text']}\n")
     if not args.no_compare:
-        compare(bundle, checkpoint, args.out, args.rounds, args.prompt_tokens, args.new_tokens)
+        from bench_decoder import compare_with_builder
+
+        compare_with_builder(bundle, checkpoint, args.out, args.rounds, args.prompt_tokens, args.new_tokens)
     print(f"\nbundle: {bundle} (edgecompile inspect {bundle}); done in {time.perf_counter() - started:.0f} s")
 
 

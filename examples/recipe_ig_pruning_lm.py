@@ -24,7 +24,8 @@ static pruning at the same number of removed sub-layers.
    cluster's top-k mask before the search, the paper's rule); the share of texts per cluster; the masks and
    their Hamming distances; greedy-token agreement with dense over --agree-tokens on held-out chat prompts.
 7. Masks files (edgecompile-masks/1) per n; `edgecompile build` compiles those of the largest n (router + K
-   clusters, greedy tokens parity-gated), `edgecompile verify`, `edgecompile bench` times decode per graph.
+   clusters, greedy tokens parity-gated), `edgecompile verify`, `edgecompile bench` times decode per graph; then every
+   graph beside onnxruntime-genai's model builder, fp32 and int4 of the same checkpoint (`--builder-rounds`, 0 skips).
 
 Defaults (measured at 1 thread on the 2-core machine with other jobs beside it, load average about 3: 29.5 minutes,
 of which stage 1 took 23.5 and build + verify + bench 6; figures in docs/recipes.md):
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens of each parity prompt [default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=3, help="edgecompile bench --runs [default: %(default)s]")
     parser.add_argument("--bench-tokens", type=int, default=64, help="prompt and new tokens of each bench round [default: %(default)s]")
+    parser.add_argument("--builder-rounds", type=int, default=3,
+                        help="rounds of the decode comparison with onnxruntime-genai's builder, fp32 and int4 of the same checkpoint "
+                        "(0: skip it; --short skips it) [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning_lm", help="output folder [default: %(default)s]")
     add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, a quarter and half of the sub-layers removed, searches of 4 evaluations")
     args = parser.parse_args(argv)
@@ -112,6 +116,7 @@ def parse_args(argv: list[str] | None):
         args.search_texts, args.static_search_texts, args.search_evals, args.profile_texts = 3, 4, 4, 2
         args.agree_prompts, args.agree_tokens, args.answer_tokens = 2, 4, 16  # --removed: a quarter and half, once L is known
         args.max_length, args.train_length, args.samples, args.bench_runs, args.bench_tokens = 32, 32, 3, 3, 8
+        args.builder_rounds = 0
     args.static_search_evals = args.search_evals if args.static_search_evals is None else args.static_search_evals
     require(len(args.removed) >= 1 and args.removed[0] >= 1, "--removed", "positive counts of removed sub-layers", args.removed)
     require(args.train_removed in ("largest", "each") or args.train_removed.isdigit(), "--train-removed", "'largest', 'each' or a count",
@@ -123,6 +128,7 @@ def parse_args(argv: list[str] | None):
                  "prompt_tokens", "bench_tokens", "threads"):
         require(getattr(args, name) >= 1, f"--{name.replace('_', '-')}", "at least 1", getattr(args, name))
     require(args.bench_runs >= 3, "--bench-runs", "at least 3", args.bench_runs)
+    require(args.builder_rounds >= 0, "--builder-rounds", "0 (skip) or more", args.builder_rounds)
     require(args.clusters <= args.cal_texts * len(domains.DOMAINS), "--clusters",
             f"at most the number of calibration texts ({args.cal_texts * len(domains.DOMAINS)})", args.clusters)
     if args.student is not None:
@@ -426,6 +432,12 @@ def main(argv: list[str] | None = None) -> None:
           + " ms (speed-up vs dense " + ", ".join(f"{r['decode_speedup_vs_dense']:.2f}x" for r in clusters)
           + f"); the router runs once per prompt; {cpu_flags()}")
     done(t)
+    if args.builder_rounds:
+        from bench_decoder import compare_with_builder
+
+        t = phase("the bundle's graphs beside onnxruntime-genai's model builder (fp32 and int4 of the same checkpoint)")
+        compare_with_builder(bundle, args.student, args.out, args.builder_rounds, tokens, tokens)
+        done(t)
     finished(started)
 
 
