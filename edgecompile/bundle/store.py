@@ -195,6 +195,12 @@ class Bundle:
             raise BundleError(f"{path}: missing from the bundle (listed in manifest.json); run `edgecompile verify`")
         return path
 
+    def graph_entry(self, graph: str) -> dict[str, Any]:
+        """The manifest's description of a student graph ('dense' or 'cluster_<k>': kept structure, KV cache, MACs);
+        just {"graph": graph} when the manifest describes no such graph (readers then find its fields missing)."""
+        entries = [self.manifest.get("dense", {}), *self.manifest.get("clusters", [])]
+        return next((e for e in entries if isinstance(e, dict) and e.get("graph") == graph), {"graph": graph})
+
     def tokenizer(self, role: str):
         """The tokenizer of 'student' or 'router'; a bundle whose tokenizer does not load is a bundle error."""
         from edgecompile.inputs.router import load_router_tokenizer, tokenization_from_manifest

@@ -142,12 +142,11 @@ def verify_decoder(bundle: Bundle, reference: dict[str, Outputs], texts: list[st
     from edgecompile.check.decoder_parity import DecoderFiles, DecoderSamples, check_decoder_target
 
     student = bundle.manifest["student"]
-    described = {c["graph"]: c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]]}
     for name, entry in entries.items():
         check_genai_config(bundle.root, bundle.manifest, name, definitions[name].linear_weights.session_config())
         for graph, path in paths[name].items():
             if graph != "router":
-                check_kv_cache(bundle.root / MANIFEST, described.get(graph, {"graph": graph}), check_graph_file(path))
+                check_kv_cache(bundle.root / MANIFEST, bundle.graph_entry(graph), check_graph_file(path))
     tokenizer = bundle.tokenizer("student")
     chat = bundle.manifest.get("samples", {}).get("chat", False) is True
     try:

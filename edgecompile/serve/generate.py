@@ -57,9 +57,7 @@ def route_and_generate(bundle, prompt: str, max_new_tokens: int, target_name: st
     k = int(cluster_id.reshape(-1)[0])
     chosen = graph or f"cluster_{k}"
     session = bundle_session(bundle, entry, chosen, target, threads)
-    described = next((c for c in [bundle.manifest["dense"], *bundle.manifest["clusters"]] if c.get("graph") == chosen),
-                     {"graph": chosen})
-    check_kv_cache(bundle.root / MANIFEST, described, ((i.name, i.shape) for i in session.get_inputs()))
+    check_kv_cache(bundle.root / MANIFEST, bundle.graph_entry(chosen), ((i.name, i.shape) for i in session.get_inputs()))
     eos = frozenset(student.get("eos_token_ids", []))
     result = greedy(session, ids, max_new_tokens, eos)
     extra = {}
