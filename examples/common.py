@@ -58,9 +58,11 @@ class RecipeParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, short: str) -> None:
-    """--threads, --seed and --short, worded alike in every recipe; `short` lists what --short shrinks."""
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine) [default: %(default)s]")
+def add_run_arguments(parser: argparse.ArgumentParser, short: str, threads: int = 1) -> None:
+    """--threads, --seed and --short, worded alike in every recipe; `short` lists what --short shrinks. `threads`: the
+    default, 1 where a recipe's tensors are too small for a second thread to pay on a busy 2-core machine."""
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="torch threads (1 is fastest for small models on a busy 2-core machine) [default: %(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the run [default: %(default)s]")
     parser.add_argument("--short", action="store_true",
                         help=f"tiny settings ({short}) to check the whole pipeline in seconds; the figures mean nothing")
@@ -224,13 +226,14 @@ def edgecompile(*args: object, quiet: bool = False, fresh_process: bool = False)
     return printed
 
 
-def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: list[str], router_layers: int | None = None) -> Path:
-    """`edgecompile build` (parity gate included); the samples go in a file beside the masks."""
+def build_bundle(student: Path, masks: Path, router: Path, out: Path, samples: list[str], router_layers: int | None = None,
+                 target: str = "cpu") -> Path:
+    """`edgecompile build --target TARGET` (parity gate included); the samples go in a file beside the masks."""
     samples_file = masks.parent / "samples.txt"
     samples_file.write_text("\n".join(s.replace("\n", " ") for s in samples) + "\n", encoding="utf-8")
     layers = () if router_layers is None else ("--router-layers", router_layers)
-    edgecompile("build", student, "--masks", masks, "--router-encoder", router, *layers, "--samples", samples_file,
-                "--out", out, "--force", "--quiet", quiet=True)
+    edgecompile("build", student, "--masks", masks, "--router-encoder", router, *layers, "--target", target,
+                "--samples", samples_file, "--out", out, "--force", "--quiet", quiet=True)
     edgecompile("verify", out, quiet=True)
     rows = [row for target in json.loads((out / "parity.json").read_text())["targets"].values() for row in target["rows"]]
     worst = max((row["max_relative_error"] for row in rows if row.get("max_relative_error") is not None), default=0.0)

@@ -24,11 +24,13 @@ static pruning at the same number of removed sub-layers.
    cluster's top-k mask before the search, the paper's rule); the share of texts per cluster; the masks and
    their Hamming distances; greedy-token agreement with dense over --agree-tokens on held-out chat prompts.
 7. Masks files (edgecompile-masks/1) per n; `edgecompile build` compiles those of the largest n (router + K
-   clusters, greedy tokens parity-gated), `edgecompile verify`, `edgecompile bench` times decode per graph; then every
-   graph beside onnxruntime-genai's model builder, fp32 and int4 of the same checkpoint (`--builder-rounds`, 0 skips).
+   clusters, greedy tokens parity-gated; `--target cpu-int4`: 4-bit weights after pruning), `edgecompile verify`,
+   `edgecompile bench` times decode per graph; then every graph beside onnxruntime-genai's model builder, fp32 and
+   int4 of the same checkpoint (`--builder-rounds`, 0 skips).
 
-Defaults (measured at 1 thread on the 2-core machine with other jobs beside it, load average about 3: 29.5 minutes,
-of which stage 1 took 23.5 and build + verify + bench 6; figures in docs/recipes.md):
+Defaults (the whole run 20 minutes on the idle 2-core machine with torch on both cores, the default: the figures 14.5,
+build + verify + bench 4, the builder comparison 1.3; at 1 thread beside other jobs, load average about 3, it was
+29.5 minutes without the comparison; figures in docs/recipes.md):
 48 calibration and 24 held-out texts per domain, at most 64 tokens each; gates trained once per group at the
 largest n, 24 steps of 4 texts (48 tokens); searches of 24 exact evaluations on 12 of the cluster's calibration
 texts (the static mask: 24 texts, balanced over clusters), every 2nd position scored; single-removal profiles
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,11 +103,16 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--prompt-tokens", type=int, default=24, help="tokens of each parity prompt [default: %(default)s]")
     parser.add_argument("--bench-runs", type=int, default=3, help="edgecompile bench --runs [default: %(default)s]")
     parser.add_argument("--bench-tokens", type=int, default=64, help="prompt and new tokens of each bench round [default: %(default)s]")
+    parser.add_argument("--target", choices=("cpu", "cpu-int4"), default="cpu",
+                        help="the bundle's target: fp32 weights, or cpu-int4 (4-bit weights after pruning, as onnxruntime-genai's "
+                        "builder makes them; parity-gated against the reference with the same 4-bit weights) [default: %(default)s]")
     parser.add_argument("--builder-rounds", type=int, default=3,
                         help="rounds of the decode comparison with onnxruntime-genai's builder, fp32 and int4 of the same checkpoint "
                         "(0: skip it; --short skips it) [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning_lm", help="output folder [default: %(default)s]")
-    add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, a quarter and half of the sub-layers removed, searches of 4 evaluations")
+    # a 135 M-parameter forward over 16 x 64 tokens is large enough for every core to pay (1.65x at 2 threads, idle 2-core machine)
+    add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, a quarter and half of the sub-layers removed, searches of 4 evaluations",
+                      threads=len(os.sched_getaffinity(0)))
     args = parser.parse_args(argv)
     try:
         args.removed = sorted({int(x) for x in args.removed.split(",") if x.strip()})
@@ -420,14 +428,14 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [ids[: args.prompt_tokens] for ids in held_ids if len(ids) >= args.prompt_tokens]
     samples = [tokenizer.decode(p, skip_special_tokens=True).replace("\n", " ") for p in prompts][:: max(1, len(prompts) // args.samples)][: args.samples]
     require(len(samples) >= 1, "--prompt-tokens", "held-out texts at least that long", args.prompt_tokens)
-    bundle = build_bundle(args.student, masks_file, router_dir, args.out / "bundle", samples)
+    bundle = build_bundle(args.student, masks_file, router_dir, args.out / "bundle", samples, target=args.target)
     report = args.out / "bundle_bench.json"
     positions = json.loads((bundle / "manifest.json").read_text())["student"]["max_seq_length"]
     tokens = min(args.bench_tokens, positions // 2)
     edgecompile("bench", bundle, "--runs", args.bench_runs, "--prompt-tokens", tokens, "--new-tokens", tokens, "--json", report)
     graphs = {row["graph"]: row for row in json.loads(report.read_text())["graphs"]}
     clusters = [graphs[f"cluster_{k}"] for k in range(K)]
-    print(f"\ndecode per token (median of {args.bench_runs} rounds of a {tokens} + {tokens}-token generation, {args.threads} thread): "
+    print(f"\n{args.target} decode per token (median of {args.bench_runs} rounds of a {tokens} + {tokens}-token generation, 1 thread): "
           f"dense {graphs['dense']['decode_ms_per_token']:.3f} ms, clusters " + ", ".join(f"{r['decode_ms_per_token']:.3f}" for r in clusters)
           + " ms (speed-up vs dense " + ", ".join(f"{r['decode_speedup_vs_dense']:.2f}x" for r in clusters)
           + f"); the router runs once per prompt; {cpu_flags()}")

@@ -174,12 +174,13 @@ def test_mtp_recipe_trains_heads_saves_the_mtp_contract_builds_and_decodes_specu
         assert says in printed
 
 
-def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_decoder_bundle(run, tmp_path, st_student):
+@pytest.mark.parametrize("target", ["cpu", "cpu-int4"])
+def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_decoder_bundle(run, tmp_path, st_student, target):
     from factories import make_llama
 
     llama = make_llama(tmp_path / "llama")  # 4 layers, BPE tokenizer with <s> </s> <pad>
     code, printed, err = run("recipe_ig_pruning_lm", "--short", "--student", llama, "--router-encoder", st_student,
-                             "--out", tmp_path / "out")
+                             "--out", tmp_path / "out", "--target", target)
     assert code == 0, err
     found, metadata = tensors(tmp_path / "out" / "masks.safetensors")
     from edgecompile.families.router import load_router
@@ -198,7 +199,11 @@ def test_ig_pruning_lm_recipe_writes_hard_masks_for_the_decoder_and_builds_a_dec
         assert f"{removed} of 8 sub-layers removed" in printed
     manifest = assert_verified_bundle(tmp_path / "out" / "bundle")
     assert manifest["student"]["task"] == "causal-lm" and len(manifest["clusters"]) == 2
-    for says in ("| dense |", "| static |", "| shortgpt |", "| routed |", "vs best static", "mask diversity", "greedy agreement", "decode per token"):
+    assert list(manifest["targets"]) == [target]  # the bundle is built for the target asked, 4-bit weights for cpu-int4
+    weights = manifest["targets"][target]["target"].get("linear_weights", {}).get("format", "fp32")
+    assert weights == {"cpu": "fp32", "cpu-int4": "int4"}[target]
+    for says in ("| dense |", "| static |", "| shortgpt |", "| routed |", "vs best static", "mask diversity", "greedy agreement",
+                 f"{target} decode per token"):
         assert says in printed
 
 
