@@ -8,10 +8,13 @@ texts. Agreement = the share of held-out texts the cheap router sends to the sam
     python examples/fit_router_centroids.py --cheap-encoder DIR [--cheap-layers 2] --out masks.safetensors \
         [--full-encoder DIR] [--clusters 4] [--texts calibration.txt] [--held-out texts.txt]
     python examples/fit_router_centroids.py --refit MASKS --cheap-encoder MODEL2VEC_DIR [--distill] --out masks_cheap.safetensors
+    python examples/fit_router_centroids.py --adopt MASKS --cheap-encoder MODEL2VEC_DIR --distill --out masks_here.safetensors
 
 The masks file gets the example gates of make_example_masks.py and metadata naming the cheap router; with
 `--refit MASKS` it keeps that file's clusters and gates (its centroids in the full encoder's space define the
 clusters) and only refits the centroids for the cheap router, so `edgecompile build --router-encoder DIR [--router-layers n]` checks it.
+`--adopt MASKS` takes masks whose centroids were fitted for a model2vec router distilled the same way (recipe 1's default)
+to the router distilled here: as they are when it is bit-identical, refitted in its own space otherwise.
 """
 
 from __future__ import annotations
@@ -139,6 +142,34 @@ def refit_masks(masks: Path, router_dir: Path, calibration: list[str], held_out:
     return agreement
 
 
+def adopt_masks(masks: Path, router_dir: Path, calibration: list[str], held_out: list[str], out: Path) -> str:
+    """`masks` (centroids fitted for a model2vec router distilled as `router_dir` was, e.g. by recipe 1) made the masks of
+    `router_dir`: copied as they are when it is that very router (same sha256), otherwise the same clusters with their
+    centroids refitted in `router_dir`'s own space (a distillation on another machine can differ in the last bits, and
+    the build refuses centroids fitted for another router). Returns what was done, in a sentence."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from edgecompile.families.router import load_router
+
+    with safe_open(str(masks), "np") as f:
+        declared = f.metadata() or {}
+    spec = load_router(router_dir)
+    if declared.get("router.encoder.sha256") == spec.sha256:
+        shutil.copyfile(masks, out)
+        return f"{masks.name}'s centroids were fitted for this very router ({spec.name}, sha256 {spec.sha256[:12]}...): used as they are"
+    fitted = declared.get("router.encoder.name", "an unnamed router")
+    if declared.get("router.encoder.kind") != spec.kind or declared.get("router.encoder.width") != str(spec.embedding_dim):
+        raise SystemExit(f"error: {masks}: metadata 'router.encoder.kind' / 'router.encoder.width': expected {spec.kind} / "
+                         f"{spec.embedding_dim} (the router {router_dir}), found {declared.get('router.encoder.kind')} / "
+                         f"{declared.get('router.encoder.width')} (fitted for {fitted}); use --refit with the encoder that defines its clusters")
+    agreement = refit_masks(masks, router_dir, calibration, held_out, out, full_dir=router_dir)
+    return (f"{masks.name}'s centroids were fitted for {fitted} (sha256 {declared.get('router.encoder.sha256', '?')[:12]}...), not this "
+            f"distillation (sha256 {spec.sha256[:12]}...): refitted in its space, {agreement:.1%} of {len(held_out)} held-out texts "
+            "keep the cluster the shipped centroids give them")
+
+
 def example_gates(student_dir: Path, clusters: int) -> dict[int, dict[str, np.ndarray]]:
     from make_example_masks import cluster_gates
 
@@ -166,6 +197,9 @@ def main() -> None:
                         help="first distil --cheap-encoder DIR as a model2vec router from the full encoder (kept if DIR has one)")
     parser.add_argument("--refit", type=Path, default=None, metavar="MASKS",
                         help="keep this masks file's clusters and gates: only its centroids are refitted for the cheap router")
+    parser.add_argument("--adopt", type=Path, default=None, metavar="MASKS",
+                        help="masks fitted for a model2vec router distilled as --cheap-encoder is: copied when it is the same "
+                        "router, refitted in its own space when the distillation differs")
     args = parser.parse_args()
 
     from edgecompile.inputs.samples import BUILTIN_SAMPLES
@@ -183,6 +217,11 @@ def main() -> None:
 
         width = load_router(args.full_encoder).embedding_dim
         distill_static_router(args.full_encoder, width, args.cheap_encoder, "drop --distill and give a router folder")
+    if args.adopt:
+        if args.out is None or args.refit is not None:
+            raise SystemExit("error: --adopt: expected --out and no --refit")
+        print(f"wrote {args.out}: " + adopt_masks(args.adopt, args.cheap_encoder, texts, held_out, args.out))
+        return
     if args.refit:
         if args.out is None or args.cheap_layers is not None:
             raise SystemExit("error: --refit: expected --out and a model2vec --cheap-encoder (no --cheap-layers)")

