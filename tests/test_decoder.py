@@ -85,6 +85,29 @@ def test_dense_graph_matches_transformers_prefill_and_greedy(models_dir, variant
     assert greedy(session, ids, 16).tokens == expected.tolist()
 
 
+@pytest.mark.parametrize("variant", ["untied", "tied"])
+def test_tied_embedding_is_stored_once_and_the_logits_stay_bit_identical(models_dir, variant):
+    """share_tied_embedding: a tied table is read by the Gather and, transposed inside the kernel, by the lm_head
+    (FusedMatMul transB); an untied model keeps both tables. The logits are the same bits either way."""
+    from edgecompile.passes.share_tied_embedding import ShareTiedEmbedding
+
+    path = make_llama(models_dir / f"llama_{variant}", seed=7, tied=variant == "tied")
+    dims, weights, model = loaded(path)
+    ids = [0, 17, 45, 99, 120, 7, 3, 50]
+    before = prefill(session_of(Llama.export(weights, dims)), ids)
+    graph = Llama.export(weights, dims)
+    share = ShareTiedEmbedding()
+    ir.passes.PassManager([share, ir.passes.common.RemoveUnusedNodesPass()])(graph)
+    tables = [v for v in graph.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT
+              and sorted(v.const_value.shape) == sorted([dims.vocab, dims.hidden])]
+    assert len(tables) == (1 if variant == "tied" else 2)
+    heads = [n for n in graph.graph if n.op_type in ("MatMul", "FusedMatMul") and n.outputs[0].name == "logits"]
+    assert [(n.op_type, n.attributes.get_int("transB", 0)) for n in heads] == [("FusedMatMul", 1) if variant == "tied" else ("MatMul", 0)]
+    after = prefill(session_of(graph), ids)
+    assert relative_error(after, before) < 1e-6  # the same sums; the transposed packing may order them differently
+    assert relative_error(before, reference_logits(model, ids)) < 1e-5
+
+
 def test_reference_greedy_loop_is_transformers_generate_without_deprecated_arguments(llama):
     """The parity oracle's own loop: the tokens of transformers' generate, through the installed release's
     cache argument (transformers 5.24 deprecates `past_key_values`, to be removed in 5.40)."""

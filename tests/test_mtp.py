@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -142,6 +143,16 @@ def test_speculative_speedup_is_not_decided_by_one_slow_pass(mtp_models, monkeyp
 
 @pytest.fixture(scope="module")
 def mtp_bundle(tmp_path_factory, mtp_models):
+    return _mtp_bundle(tmp_path_factory, mtp_models, "random_n4")
+
+
+@pytest.fixture(scope="module")
+def tied_mtp_bundle(tmp_path_factory, mtp_models):
+    """Heads whose unembedding equals the embedding: the build stores the table once (FusedMatMul transB lm_head)."""
+    return _mtp_bundle(tmp_path_factory, mtp_models, "predict_well_n4")
+
+
+def _mtp_bundle(tmp_path_factory, mtp_models, model: str):
     from edgecompile.build import BuildRequest, build
 
     root = tmp_path_factory.mktemp("mtp_bundle")
@@ -150,7 +161,7 @@ def mtp_bundle(tmp_path_factory, mtp_models):
                         (np.random.default_rng(4).standard_normal((2, 24)) * 0.3).astype(np.float32))
     samples = root / "prompts.txt"
     samples.write_text("How do I reset my password?\nOk\nParis is the capital of France.\n", encoding="utf-8")
-    result = build(BuildRequest(mtp_models["random_n4"], masks, router, root / "bundle", samples=samples))
+    result = build(BuildRequest(mtp_models[model], masks, router, root / "bundle", samples=samples))
     return root / "bundle", result.table
 
 
@@ -258,7 +269,8 @@ def test_bench_measures_speculative_decoding_on_the_sample_prompts_against_the_m
     assert f"speculative decoding on {prompts_file}" in stdout
 
 
-def test_onnxruntime_genai_mtp_generator_drafts_with_the_heads_and_gives_the_greedy_tokens(mtp_bundle, tmp_path):
+@pytest.mark.parametrize("bundle", ["mtp_bundle", "tied_mtp_bundle"])
+def test_onnxruntime_genai_mtp_generator_drafts_with_the_heads_and_gives_the_greedy_tokens(request, bundle, tmp_path):
     """onnxruntime-genai's own og.MtpGenerator on the folders runtime/genai_mtp.py derives: main graph + hidden_states,
     a head graph without layers; every K up to n-1 gives exactly og.Generator's greedy tokens on the unchanged folder,
     and its draft counts are those of our heads (head 1's draft at the last committed position)."""
@@ -267,8 +279,10 @@ def test_onnxruntime_genai_mtp_generator_drafts_with_the_heads_and_gives_the_gre
         pytest.skip("onnxruntime-genai without MtpGenerator")
     from edgecompile.runtime.genai_mtp import write_genai_mtp_folders
 
-    out, _ = mtp_bundle
+    out, _ = request.getfixturevalue(bundle)
     decoder = out / "cpu" / "decoder"
+    heads = {n.op_type for n in onnx.load(str(decoder / "dense.onnx"), load_external_data=False).graph.node if "logits" in n.output}
+    assert heads == ({"FusedMatMul"} if bundle == "tied_mtp_bundle" else {"MatMul"})
     main_dir, head_dir = write_genai_mtp_folders(decoder, tmp_path / "genai_mtp")
     plain_model, main, head = og.Model(str(decoder)), og.Model(str(main_dir)), og.Model(str(head_dir))
     session = ort.InferenceSession(str(decoder / "dense.onnx"), providers=["CPUExecutionProvider"])

@@ -152,6 +152,19 @@ def quantize_weights(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     return model
 
 
+def share_tied_embedding(model: ir.Model, ctx: LoweringContext) -> ir.Model:
+    """Decoders with tied fp32 embeddings: the table stored once, the lm_head a FusedMatMul (transB) reading it."""
+    from edgecompile.passes.share_tied_embedding import ShareTiedEmbedding
+
+    if not ctx.is_student:
+        return model
+    share = ShareTiedEmbedding()
+    ir.passes.PassManager([share, RemoveUnusedNodesPass()])(model)
+    if share.shared:
+        ctx.report["tied_embedding_shared"] = share.shared
+    return model
+
+
 def fix_shapes(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     from edgecompile.passes.fix_shapes import FixBatchAndSequence
 
@@ -191,6 +204,7 @@ STEPS: dict[str, Callable[[ir.Model, LoweringContext], ir.Model]] = {
     "pack_qkv": pack_qkv,
     "fuse_skip_norm": fuse_skip_norm,
     "quantize_weights": quantize_weights,
+    "share_tied_embedding": share_tied_embedding,
     "lowbit_weights_to_dequantize": lowbit_weights_to_dequantize,
     "fix_shapes": fix_shapes,
     "qnn_preprocess": qnn_preprocess,

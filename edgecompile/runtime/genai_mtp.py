@@ -95,12 +95,17 @@ def write_genai_mtp_folders(decoder_dir: Path, out: Path, graph: str = "dense") 
 
     # head: the shared final norm and unembedding on head 1's rows; the other heads' rows shifted forward
     initializers = {t.name: t for t in g.initializer}
+    # the next-token head's unembedding as the graph computes it: MatMul by lm_head.weight_t, or a tied fp32 table read
+    # transposed (FusedMatMul transB, share_tied_embedding) or a 4-bit blob (MatMulNBits) with their extra inputs
+    lm_head = next(n for n in g.node if "logits" in n.output)
+    unembedding = helper.make_node(lm_head.op_type, ["normed", *lm_head.input[1:]], ["logits"], domain=lm_head.domain or None)
+    unembedding.attribute.extend(copy.deepcopy(lm_head.attribute))
     epsilon = next(a.f for n in g.node if n.name.startswith("/model/norm/") for a in n.attribute if a.name == "epsilon")
     ints = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [1], [value])  # noqa: E731
     nodes = [
         helper.make_node("Slice", ["hidden_states", "start", "hidden", "axis"], ["head_1"]),
         helper.make_node("SimplifiedLayerNormalization", ["head_1", "model.norm.weight"], ["normed"], axis=-1, epsilon=epsilon, stash_type=1),
-        helper.make_node("MatMul", ["normed", "lm_head.weight_t"], ["logits"]),
+        unembedding,
         helper.make_node("Slice", ["hidden_states", "hidden", "end", "axis"], ["later_heads"]),
         helper.make_node("Mul", ["head_1", "zero"], ["zeros"]),
         helper.make_node("Concat", ["later_heads", "zeros"], ["hidden_states_out"], axis=-1),
@@ -112,7 +117,7 @@ def write_genai_mtp_folders(decoder_dir: Path, out: Path, graph: str = "dense") 
          helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["batch_size", "sequence_length", width])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]),
          helper.make_tensor_value_info("hidden_states_out", TensorProto.FLOAT, ["batch_size", "sequence_length", width])],
-        [copy.deepcopy(initializers["model.norm.weight"]), copy.deepcopy(initializers["lm_head.weight_t"]),
+        [copy.deepcopy(initializers["model.norm.weight"]), *(copy.deepcopy(initializers[name]) for name in lm_head.input[1:]),
          ints("start", 0), ints("hidden", hidden), ints("end", width), ints("axis", -1),
          helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
     head = helper.make_model(head_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
