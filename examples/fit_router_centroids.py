@@ -142,32 +142,66 @@ def refit_masks(masks: Path, router_dir: Path, calibration: list[str], held_out:
     return agreement
 
 
+ADOPT_DRIFT = 1e-3  # largest centroid move, relative to the largest centroid entry, of a router that is the same space
+
+
 def adopt_masks(masks: Path, router_dir: Path, calibration: list[str], held_out: list[str], out: Path) -> str:
-    """`masks` (centroids fitted for a model2vec router distilled as `router_dir` was, e.g. by recipe 1) made the masks of
-    `router_dir`: copied as they are when it is that very router (same sha256), otherwise the same clusters with their
-    centroids refitted in `router_dir`'s own space (a distillation on another machine can differ in the last bits, and
-    the build refuses centroids fitted for another router). Returns what was done, in a sentence."""
+    """`masks` (hard gates, l2 centroids fitted by KMeans on `calibration` for a model2vec router distilled as
+    `router_dir` was, e.g. by recipe 1) made the masks of `router_dir`: copied as they are when it is that very router
+    (same sha256); otherwise the centroids are refitted in `router_dir`'s space (the mean of the calibration texts each
+    one is nearest to) and kept only when they land where the shipped ones are (within ADOPT_DRIFT: the distillation
+    differs in its last bits, as floating-point sums do across machines), since the build refuses centroids fitted
+    for another router. A router of another space, or masks this cannot carry over, are refused in one line (SystemExit).
+    Returns what was done, in a sentence."""
     import shutil
 
     from safetensors import safe_open
 
     from edgecompile.families.router import load_router
 
-    with safe_open(str(masks), "np") as f:
-        declared = f.metadata() or {}
-    spec = load_router(router_dir)
+    def refuse(what: str, expected: str, found: object) -> SystemExit:
+        return SystemExit(f"error: {masks}: {what}: expected {expected}, found {found}")
+
+    try:
+        with safe_open(str(masks), "np") as f:
+            declared, names = f.metadata() or {}, set(f.keys())
+            shipped = f.get_tensor("router.centroids") if "router.centroids" in names else None
+        spec = load_router(router_dir)
+    except Exception as exc:  # an unreadable masks file or router folder (OSError, EdgecompileError, safetensors'): one line
+        raise SystemExit(f"error: --adopt {masks} --cheap-encoder {router_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if declared.get("router.metric", "l2") != "l2" or declared.get("mask.kind", "hard") != "hard" or shipped is None \
+            or any(n.startswith("router.projection") for n in names):
+        raise refuse("metadata 'router.metric' / 'mask.kind' and tensors", "l2, hard gates, router.centroids and no projection",
+                     f"{declared.get('router.metric')}, {declared.get('mask.kind')}, {sorted(n for n in names if n.startswith('router.'))}")
+    if Path(out).resolve() == Path(masks).resolve():
+        raise refuse("--out", "another file than the masks adopted", out)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     if declared.get("router.encoder.sha256") == spec.sha256:
         shutil.copyfile(masks, out)
         return f"{masks.name}'s centroids were fitted for this very router ({spec.name}, sha256 {spec.sha256[:12]}...): used as they are"
     fitted = declared.get("router.encoder.name", "an unnamed router")
     if declared.get("router.encoder.kind") != spec.kind or declared.get("router.encoder.width") != str(spec.embedding_dim):
-        raise SystemExit(f"error: {masks}: metadata 'router.encoder.kind' / 'router.encoder.width': expected {spec.kind} / "
-                         f"{spec.embedding_dim} (the router {router_dir}), found {declared.get('router.encoder.kind')} / "
-                         f"{declared.get('router.encoder.width')} (fitted for {fitted}); use --refit with the encoder that defines its clusters")
-    agreement = refit_masks(masks, router_dir, calibration, held_out, out, full_dir=router_dir)
+        raise refuse("metadata 'router.encoder.kind' / 'router.encoder.width'", f"{spec.kind} / {spec.embedding_dim} (the router {router_dir})",
+                     f"{declared.get('router.encoder.kind')} / {declared.get('router.encoder.width')} (fitted for {fitted}); "
+                     "use --refit with the encoder that defines its clusters")
+    staged = Path(out).with_name(Path(out).name + ".adopting")
+    try:
+        agreement = refit_masks(masks, router_dir, calibration, held_out, staged, full_dir=router_dir)
+        with safe_open(str(staged), "np") as f:
+            refitted = f.get_tensor("router.centroids")
+        drift = float(np.abs(refitted - shipped).max() / np.abs(shipped).max())
+    except SystemExit:  # a cluster no clustering text is nearest to: the centroids are not of this space
+        drift, agreement = float("inf"), float("nan")
+    if drift > ADOPT_DRIFT:
+        staged.unlink(missing_ok=True)
+        raise refuse("router.centroids refitted for this router", f"within {ADOPT_DRIFT:g} of the shipped ones (the same embedding space, "
+                     f"up to floating-point noise, on the texts its clusters were fitted on)",
+                     f"a move of {drift:.3g} relative, {agreement:.1%} of held-out texts keeping their cluster: {router_dir} is not the router "
+                     f"{fitted} was (sha256 {declared.get('router.encoder.sha256', '?')[:12]}...); run the recipe for it")
+    staged.replace(out)
     return (f"{masks.name}'s centroids were fitted for {fitted} (sha256 {declared.get('router.encoder.sha256', '?')[:12]}...), not this "
-            f"distillation (sha256 {spec.sha256[:12]}...): refitted in its space, {agreement:.1%} of {len(held_out)} held-out texts "
-            "keep the cluster the shipped centroids give them")
+            f"distillation (sha256 {spec.sha256[:12]}...): refitted in its space, they moved {drift:.2g} relative and "
+            f"{agreement:.1%} of {len(held_out)} held-out texts keep their cluster")
 
 
 def example_gates(student_dir: Path, clusters: int) -> dict[int, dict[str, np.ndarray]]:
@@ -211,15 +245,16 @@ def main() -> None:
         from corpus import load_corpus, split, spread
 
         train, held = split(load_corpus())  # every family kept, evenly spaced: the means settle well before all texts
-        texts, held_out = [d.text for d in spread(train, 400)], [d.text for d in spread(held, 200)]
+        # --adopt refits on all the train split: recipe 1's KMeans texts, where its centroids are the cluster means
+        texts, held_out = [d.text for d in spread(train, None if args.adopt else 400)], [d.text for d in spread(held, 200)]
     if args.distill and not (args.cheap_encoder / "model.safetensors").is_file():
         from edgecompile.families.router import load_router
 
         width = load_router(args.full_encoder).embedding_dim
         distill_static_router(args.full_encoder, width, args.cheap_encoder, "drop --distill and give a router folder")
     if args.adopt:
-        if args.out is None or args.refit is not None:
-            raise SystemExit("error: --adopt: expected --out and no --refit")
+        if args.out is None or args.refit is not None or args.cheap_layers is not None:
+            raise SystemExit("error: --adopt: expected --out, a model2vec --cheap-encoder and no --refit / --cheap-layers")
         print(f"wrote {args.out}: " + adopt_masks(args.adopt, args.cheap_encoder, texts, held_out, args.out))
         return
     if args.refit:

@@ -110,9 +110,11 @@ def parse_args(argv: list[str] | None):
                         help="rounds of the decode comparison with onnxruntime-genai's builder, fp32 and int4 of the same checkpoint "
                         "(0: skip it; --short skips it) [default: %(default)s]")
     parser.add_argument("--out", type=Path, default=OUT / "ig_pruning_lm", help="output folder [default: %(default)s]")
-    # a 135 M-parameter forward over 16 x 64 tokens is large enough for every core to pay (1.65x at 2 threads, idle 2-core machine)
+    # a 135 M-parameter forward over 16 x 64 tokens is large enough for every core to pay (1.65x at 2 threads, idle 2-core
+    # machine); under `accelerate launch --num_processes N` each process takes its share
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     add_run_arguments(parser, "K=2, 3 steps, 6 + 3 texts per domain, a quarter and half of the sub-layers removed, searches of 4 evaluations",
-                      threads=len(os.sched_getaffinity(0)))
+                      threads=max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
     args = parser.parse_args(argv)
     try:
         args.removed = sorted({int(x) for x in args.removed.split(",") if x.strip()})

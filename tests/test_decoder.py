@@ -86,9 +86,9 @@ def test_dense_graph_matches_transformers_prefill_and_greedy(models_dir, variant
 
 
 @pytest.mark.parametrize("variant", ["untied", "tied"])
-def test_tied_embedding_is_stored_once_and_the_logits_stay_bit_identical(models_dir, variant):
+def test_tied_embedding_is_stored_once_and_the_logits_stay_within_float_rounding(models_dir, variant):
     """share_tied_embedding: a tied table is read by the Gather and, transposed inside the kernel, by the lm_head
-    (FusedMatMul transB); an untied model keeps both tables. The logits are the same bits either way."""
+    (FusedMatMul transB); an untied model keeps both tables. The logits move by float rounding at most."""
     from edgecompile.passes.share_tied_embedding import ShareTiedEmbedding
 
     path = make_llama(models_dir / f"llama_{variant}", seed=7, tied=variant == "tied")

@@ -262,13 +262,17 @@ def test_bench_table_gives_no_latency_per_mac_for_a_router_doing_almost_no_macs(
     assert rows["router"] == "—" and rows["dense"] == "1.000" and rows["cluster_0"] == "0.929"
 
 
-def test_adopt_masks_keeps_masks_of_the_same_router_and_refits_them_for_another_distillation(tmp_path, models_dir, router_encoder):
+def test_adopt_masks_keeps_masks_of_the_same_router_and_refits_them_only_for_the_same_space(tmp_path, models_dir, router_encoder):
     """examples/fit_router_centroids.adopt_masks, what the MiniLM quickstart does with recipe 1's masks: the router it
-    distils is the recipe's (same sha256: the file as it is) or differs in its bits (centroids refitted in its own space,
-    so the build's router check passes); a router of another kind or width is refused in one line."""
+    distils is the recipe's (same sha256: the file as it is) or differs in its last bits (centroids refitted on the
+    clustering texts land where the shipped ones are, so the build's router check passes); a router of another
+    space with the same kind and width, another kind, or a masks file it cannot carry over are refused in one line."""
+    import shutil
     import sys
 
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from sklearn.cluster import KMeans
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     from fit_router_centroids import adopt_masks, embed, write_router_masks
@@ -280,32 +284,42 @@ def test_adopt_masks_keeps_masks_of_the_same_router_and_refits_them_for_another_
         with safe_open(str(path), "np") as f:
             return f.metadata()
 
-    import shutil
+    def copy_with(name: str, change) -> Path:  # another distillation of the recipe's router: its table changed by `change`
+        folder = Path(shutil.copytree(recipe_router, tmp_path / name))
+        table = load_file(str(folder / "model.safetensors"))
+        save_file({n: change(t).astype(t.dtype) for n, t in table.items()}, str(folder / "model.safetensors"))
+        return folder
 
-    from safetensors.numpy import load_file, save_file
-
-    recipe_router = make_model2vec(models_dir / "m2v_adopt_a", router_encoder)
-    other_router = Path(shutil.copytree(recipe_router, tmp_path / "m2v_here"))  # a distillation on another machine: the last bits differ
-    table = load_file(str(other_router / "model.safetensors"))
-    noise = np.random.default_rng(0).standard_normal
-    save_file({name: (t + 1e-6 * np.abs(t).max() * noise(t.shape)).astype(t.dtype) for name, t in table.items()},
-              str(other_router / "model.safetensors"))
+    recipe_router = make_model2vec(models_dir / "m2v_adopt", router_encoder)
     texts = list(BUILTIN_SAMPLES)
-    shipped = tmp_path / "recipe_masks.safetensors"
-    write_router_masks(shipped, embed(recipe_router, texts[:3]), recipe_router, None, CLUSTERS)
+    kmeans = KMeans(n_clusters=3, n_init=10, random_state=0).fit(embed(recipe_router, texts).astype(np.float64))
+    shipped = tmp_path / "recipe_masks.safetensors"  # as recipe 1 writes them: KMeans centroids of the clustering texts
+    write_router_masks(shipped, kmeans.cluster_centers_.astype(np.float32), recipe_router, None, CLUSTERS)
 
     same = adopt_masks(shipped, recipe_router, texts, texts, tmp_path / "same.safetensors")
     assert "used as they are" in same and (tmp_path / "same.safetensors").read_bytes() == shipped.read_bytes()
 
-    moved = adopt_masks(shipped, other_router, texts, texts, tmp_path / "moved.safetensors")
-    assert "refitted" in moved
-    spec = load_router(other_router)
-    assert metadata(tmp_path / "moved.safetensors")["router.encoder.sha256"] == spec.sha256
-    assert check_masks_router(tmp_path / "moved.safetensors", metadata(tmp_path / "moved.safetensors"), spec)
-    with safe_open(str(tmp_path / "moved.safetensors"), "np") as f, safe_open(str(shipped), "np") as g:
-        for k in CLUSTERS:  # the clusters' gates travel unchanged; only the centroids move
+    noise = np.random.default_rng(0).standard_normal
+    last_bits = copy_with("m2v_last_bits", lambda t: t + 1e-6 * np.abs(t).max() * noise(t.shape))
+    moved = adopt_masks(shipped, last_bits, texts, texts, tmp_path / "out" / "moved.safetensors")
+    assert "refitted" in moved and "100.0% of" in moved
+    spec = load_router(last_bits)
+    assert metadata(tmp_path / "out" / "moved.safetensors")["router.encoder.sha256"] == spec.sha256
+    assert check_masks_router(tmp_path / "out" / "moved.safetensors", metadata(tmp_path / "out" / "moved.safetensors"), spec)
+    with safe_open(str(tmp_path / "out" / "moved.safetensors"), "np") as f, safe_open(str(shipped), "np") as g:
+        np.testing.assert_allclose(f.get_tensor("router.centroids"), g.get_tensor("router.centroids"), atol=1e-4)
+        for k in CLUSTERS:  # the clusters' gates travel unchanged
             np.testing.assert_array_equal(f.get_tensor(f"cluster.{k}.blocks"), g.get_tensor(f"cluster.{k}.blocks"))
 
-    with pytest.raises(SystemExit, match="expected transformer / 24 .* found static / 24"):
-        adopt_masks(shipped, router_encoder, texts, texts, tmp_path / "refused.safetensors")
-    assert not (tmp_path / "refused.safetensors").exists()
+    flipped = copy_with("m2v_flipped", lambda t: t * np.where(np.arange(t.shape[-1]) == 0, -1.0, 1.0))  # one axis: same kind, width
+    refusals = [(flipped, "is not the router"), (router_encoder, "found static / 24"),
+                (recipe_router, None), (tmp_path / "nowhere", "--cheap-encoder")]
+    for router, says in refusals:
+        source = shipped
+        if says is None:  # cosine centroids: the refit's l2 means would silently change the routing rule
+            source = write_masks(tmp_path / "cosine.safetensors", CLUSTERS, kmeans.cluster_centers_.astype(np.float32), metric="cosine")
+            says = "expected l2, hard gates"
+        with pytest.raises(SystemExit) as refused:
+            adopt_masks(source, router, texts, texts, tmp_path / "refused.safetensors")
+        assert says in str(refused.value) and len(str(refused.value).splitlines()) == 1, str(refused.value)
+        assert not (tmp_path / "refused.safetensors").exists() and not (tmp_path / "refused.safetensors.adopting").exists()

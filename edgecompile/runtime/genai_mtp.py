@@ -97,8 +97,13 @@ def write_genai_mtp_folders(decoder_dir: Path, out: Path, graph: str = "dense") 
     initializers = {t.name: t for t in g.initializer}
     # the next-token head's unembedding as the graph computes it: MatMul by lm_head.weight_t, or a tied fp32 table read
     # transposed (FusedMatMul transB, share_tied_embedding) or a 4-bit blob (MatMulNBits) with their extra inputs
-    lm_head = next(n for n in g.node if "logits" in n.output)
-    unembedding = helper.make_node(lm_head.op_type, ["normed", *lm_head.input[1:]], ["logits"], domain=lm_head.domain or None)
+    lm_head = next((n for n in g.node if "logits" in n.output), None)
+    if lm_head is None or lm_head.op_type not in ("MatMul", "FusedMatMul", "MatMulNBits") \
+            or not all(name in initializers for name in lm_head.input[1:] if name):
+        raise ValueError(f"{decoder_dir / graph}.onnx: logits: expected a MatMul, FusedMatMul or MatMulNBits over initializers, "
+                         f"found {lm_head.op_type if lm_head is not None else 'no node'}")
+    weights = [name for name in lm_head.input[1:]]  # optional inputs keep their place ("" where absent)
+    unembedding = helper.make_node(lm_head.op_type, ["normed", *weights], ["logits"], domain=lm_head.domain or None)
     unembedding.attribute.extend(copy.deepcopy(lm_head.attribute))
     epsilon = next(a.f for n in g.node if n.name.startswith("/model/norm/") for a in n.attribute if a.name == "epsilon")
     ints = lambda name, value: helper.make_tensor(name, TensorProto.INT64, [1], [value])  # noqa: E731
@@ -117,7 +122,7 @@ def write_genai_mtp_folders(decoder_dir: Path, out: Path, graph: str = "dense") 
          helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["batch_size", "sequence_length", width])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]),
          helper.make_tensor_value_info("hidden_states_out", TensorProto.FLOAT, ["batch_size", "sequence_length", width])],
-        [copy.deepcopy(initializers["model.norm.weight"]), *(copy.deepcopy(initializers[name]) for name in lm_head.input[1:]),
+        [copy.deepcopy(initializers["model.norm.weight"]), *(copy.deepcopy(initializers[name]) for name in weights if name),
          ints("start", 0), ints("hidden", hidden), ints("end", width), ints("axis", -1),
          helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
     head = helper.make_model(head_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
