@@ -115,6 +115,26 @@ def test_int4_graphs_are_matmulnbits_over_one_shared_table(built):
     assert sum(int(length) for _, length in extents("dense")) < fp32_bytes / 3  # 4-bit codes + fp32 scales per 32
 
 
+def test_cpu_int4_lm8_keeps_the_unembedding_and_its_tied_embedding_in_8_bits_and_passes_parity(setup, tmp_path):
+    """targets/cpu-int4-lm8.toml: every Linear 4-bit, the lm_head 8-bit, the tied embedding a GatherBlockQuantized over
+    that 8-bit blob; the parity contract holds against the reference with those dequantized weights."""
+    from edgecompile.build import BuildRequest, build
+
+    root, router, samples, masks = setup
+    student = make_decoder(tmp_path / "llama", "llama", seed=11, intermediate=INTERMEDIATE, tied=True)
+    result = build(BuildRequest(student, masks, router, tmp_path / "bundle", targets=["cpu-int4-lm8"], samples=samples))
+    assert "FAIL" not in result.table
+    row = next(line for line in result.table.splitlines() if "| cpu-int4-lm8 | dense | prefill_logits (weights exact: accuracy level 0) |" in line)
+    assert float(row.split("|")[6]) < 1e-4, row
+    target = result.manifest["targets"]["cpu-int4-lm8"]
+    assert target["target"]["linear_weights"]["lm_head_format"] == "int8" and target["quantization_cost"]["perplexity_quantized"] > 1
+    dense = onnx.load(str(result.out / "cpu-int4-lm8" / "decoder" / "dense.onnx"), load_external_data=False)
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in dense.graph.node if n.op_type == "MatMulNBits"}
+    assert {b for name, b in bits.items() if "lm_head" in name} == {8} and {b for name, b in bits.items() if "lm_head" not in name} == {4}
+    gather = next(n for n in dense.graph.node if n.op_type == "GatherBlockQuantized")
+    assert next(a.i for a in gather.attribute if a.name == "bits") == 8
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="onnxruntime-genai's model builder needs transformers 5")
 def test_int4_dense_graph_computes_what_onnxruntime_genais_builder_writes(built, tmp_path):
     """The same checkpoint through onnxruntime-genai's own builder (-p int4): the same logits."""

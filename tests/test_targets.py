@@ -64,7 +64,7 @@ def test_user_targets_path(tmp_path, monkeypatch):
 def test_targets_command_lists_every_target(cli):
     code, out, _ = cli("targets")
     names = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
-    assert code == 0 and sorted(names) == sorted(["coreml", "cpu", "cpu-attention", "cpu-int4", "cpu-lowbit-lut", "nnapi", "qnn-htp",
+    assert code == 0 and sorted(names) == sorted(["coreml", "cpu", "cpu-attention", "cpu-int4", "cpu-int4-lm8", "cpu-lowbit-lut", "nnapi", "qnn-htp",
                                                   "xnnpack"])
     assert "cpu-int4       CPUExecutionProvider         int4 " in out
     assert "not runnable here" in out and "QNNExecutionProvider" in out

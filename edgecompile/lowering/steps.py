@@ -139,7 +139,7 @@ def quantize_weights(model: ir.Model, ctx: LoweringContext) -> ir.Model:
     if not ctx.is_student or not (weights.bits or exact):
         return model
     quantize = QuantizeWeights(weights.bits or 4, weights.block_size, weights.accuracy_level, exact, weights.lowbit_block_size,
-                               ctx.shared.setdefault("quantized", {}))
+                               ctx.shared.setdefault("quantized", {}), weights.lm_head_bits)
     if weights.bits is None:  # only the low-bit Linears: every other MatMul stays fp32
         quantize.only = exact  # (membership is quantize._low_bit's, packed q/k/v included)
     ir.passes.PassManager([quantize, RemoveUnusedNodesPass()])(model)
@@ -148,6 +148,7 @@ def quantize_weights(model: ir.Model, ctx: LoweringContext) -> ir.Model:
         "accuracy_level": weights.accuracy_level, "symmetric": True, "quantizer": "onnxruntime quantize_matmul_nbits (RTN)",
         "quantized": len(quantize.quantized), "exact_2bit": len(quantize.exact_2bit),
         **({"lut_gemm": True} if weights.lut_gemm else {}), "tied_embedding": quantize.tied_embedding,
+        **({"lm_head_format": weights.lm_head_format} if weights.bits and weights.lm_head_bits != weights.bits else {}),
     }
     return model
 

@@ -85,6 +85,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, tuple | None]]] = {
         "lowbit_kernel": (str, "integer", ("integer", "nbits")),
         "lowbit_block_size": (int, 64, (16, 32, 64, 128, 256)),
         "lut_gemm": (bool, False, None),
+        # the unembedding (lm_head, and a tied embedding through its blob) in other bits than the Linears: "same" or a format
+        "lm_head_format": (str, "same", ("same", "int8", "int4")),
     },
     "parity": {
         "max_relative_error": ((float, int), REQUIRED, None),
@@ -136,10 +138,15 @@ class WeightFormat:
     lowbit_kernel: str = "integer"  # binary / ternary Linears: "integer" (exact XTC contract) | "nbits" (2-bit MatMulNBits)
     lowbit_block_size: int = 64
     lut_gemm: bool = False  # onnxruntime's lookup-table GEMM for 2-bit MatMulNBits (session config mlas.use_lut_gemm)
+    lm_head_format: str = "same"  # "same" | "int8" | "int4": the unembedding's own bits (a tied embedding reads its blob)
 
     @property
     def bits(self) -> int | None:
         return {"int4": 4, "int8": 8}.get(self.format)
+
+    @property
+    def lm_head_bits(self) -> int | None:
+        return self.bits if self.lm_head_format == "same" or self.bits is None else {"int4": 4, "int8": 8}[self.lm_head_format]
 
     @property
     def quantizes(self) -> bool:
@@ -149,7 +156,8 @@ class WeightFormat:
     @property
     def tag(self) -> str:
         """Names this format's reference outputs in a bundle (`dense~int4`): one per format, shared by its targets."""
-        return self.format + ("+nbits" if self.lowbit_kernel == "nbits" else "")
+        lm_head = f"+lm_head_{self.lm_head_format}" if self.bits and self.lm_head_bits != self.bits else ""
+        return self.format + lm_head + ("+nbits" if self.lowbit_kernel == "nbits" else "")
 
     def session_config(self) -> dict[str, str]:
         """Session config entries the files need (onnxruntime's and onnxruntime-genai's sessions alike)."""

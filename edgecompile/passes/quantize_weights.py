@@ -94,9 +94,10 @@ class QuantizeWeights(ir.passes.InPlacePass):
     """
 
     def __init__(self, bits: int, block_size: int, accuracy_level: int, exact_lowbit: frozenset[str] = frozenset(),
-                 lowbit_block_size: int = 64, cache: dict | None = None) -> None:
+                 lowbit_block_size: int = 64, cache: dict | None = None, lm_head_bits: int | None = None) -> None:
         super().__init__()
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
+        self.lm_head_bits = lm_head_bits or bits  # the unembedding's bits (module "lm_head"; a tied embedding reads its blob)
         self.exact_lowbit, self.lowbit_block_size = exact_lowbit, lowbit_block_size
         self.cache = {} if cache is None else cache
         self.only: frozenset[str] | None = None  # quantize these modules only (None: every MatMul with a constant weight)
@@ -104,9 +105,9 @@ class QuantizeWeights(ir.passes.InPlacePass):
         self.exact_2bit: list[str] = []  # binary / ternary modules lowered to exact 2-bit codes
         self.tied_embedding: str | None = None
 
-    def _arrays(self, weight: ir.Value, exact: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def _arrays(self, weight: ir.Value, exact: bool, bits: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         tensor = weight.const_value
-        key = (id(tensor), exact)
+        key = (id(tensor), exact, bits)
         if key not in self.cache:
             array = tensor.numpy()
             alpha = ternary_rows(array) if exact else None
@@ -118,8 +119,8 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 self.cache[key] = (pack_2bit(codes, self.lowbit_block_size), np.repeat(alpha[:, None], blocks, axis=1), 2,
                                    self.lowbit_block_size, tensor)
             else:
-                packed, scales = quantize_blockwise(array, self.bits, self.block_size)
-                self.cache[key] = (packed, scales, self.bits, self.block_size, tensor)
+                packed, scales = quantize_blockwise(array, bits, self.block_size)
+                self.cache[key] = (packed, scales, bits, self.block_size, tensor)
         packed, scales, bits, block, _ = self.cache[key]  # the tensor is kept alive so its id stays its own
         return packed, scales, bits, block
 
@@ -140,7 +141,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
             module = module_of(node)
             if self.only is not None and not self._low_bit(module):
                 continue
-            packed, scales, bits, block = self._arrays(weight, self._low_bit(module))
+            packed, scales, bits, block = self._arrays(weight, self._low_bit(module), self.lm_head_bits if module == "lm_head" else self.bits)
             base = weight.name.removesuffix("_t")
             k, n = weight.const_value.shape
             quantized = _Quantized(new_initializer(graph, packed, f"{base}_Q{bits}"), new_initializer(graph, scales, f"{base}_scales"),
