@@ -16,7 +16,7 @@ a linear projection (384 -> 128 by default) that keeps the frozen encoder's simi
    trained with and without the memory (same steps, same seed), beside a PCA projection of the same width.
 4. The projection goes into the masks file as router.projection.* with the clusters' centroids in the
    projected space (cosine metric); the gates come from `--masks` (by default the learned IG-Pruning
-   masks checked in from recipe 1). Routing agreement with the full-space router is printed; then
+   masks checked in from recipe 1 run with MiniLM as its router: centroids in its 384-d space). Routing agreement with the full-space router is printed; then
    `edgecompile build` compiles it (the router graph applies the projection before the distances).
 
     python examples/recipe_sxbm_projection.py            # defaults (a few minutes on 2 cores)
@@ -46,7 +46,7 @@ from edgecompile.inputs.tokens import load_tokenizer  # noqa: E402
 from edgecompile.reference.router import RouterModule  # noqa: E402
 from edgecompile.families.bert_model import load_student_module  # noqa: E402
 
-LEARNED_MASKS = HERE / "masks" / "minilm_ig_pruning_k4.safetensors"
+LEARNED_MASKS = HERE / "masks" / "minilm_ig_pruning_k4_full_router.safetensors"  # centroids in MiniLM's own 384-d space
 
 
 def parse_args(argv: list[str] | None):
