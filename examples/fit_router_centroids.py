@@ -126,13 +126,17 @@ def refit_masks(masks: Path, router_dir: Path, calibration: list[str], held_out:
     full_dir = full_dir or minilm()
     tensors = load_file(str(masks))
     full_centroids = tensors["router.centroids"]
-    labels = nearest(embed(full_dir, calibration), full_centroids)
+    same = Path(full_dir).resolve() == Path(router_dir).resolve()  # --adopt: the masks' space is the router's own
+    full = embed(full_dir, calibration)
+    labels = nearest(full, full_centroids)
     if empty := [k for k in range(len(full_centroids)) if not np.any(labels == k)]:
         raise SystemExit(f"error: {masks}: cluster(s) {empty} are nearest to none of the {len(calibration)} calibration "
                          "texts; expected every cluster to have some (give texts of the kind the masks were learned on)")
-    cheap = embed(router_dir, calibration)
+    cheap = full if same else embed(router_dir, calibration)
     centroids = np.stack([cheap[labels == k].mean(axis=0) for k in range(len(full_centroids))]).astype(np.float32)
-    agreement = float(np.mean(nearest(embed(full_dir, held_out), full_centroids) == nearest(embed(router_dir, held_out), centroids)))
+    held_full = embed(full_dir, held_out)
+    held_cheap = held_full if same else embed(router_dir, held_out)
+    agreement = float(np.mean(nearest(held_full, full_centroids) == nearest(held_cheap, centroids)))
     clusters: dict[int, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if key.startswith("cluster."):

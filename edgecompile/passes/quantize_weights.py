@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecompile.passes.provenance import module_of, set_module
-from edgecompile.passes.tensors import new_initializer
+from edgecompile.passes.tensors import new_initializer, replace_node
 
 MS_DOMAIN = "com.microsoft"
 
@@ -151,14 +151,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
                             attributes={"K": quantized.k, "N": quantized.n, "bits": bits, "block_size": block,
                                         "accuracy_level": self.accuracy_level},
                             name=f"{node.name}_Q{bits}")
-            set_module(nbits, module)
-            graph.insert_before(node, nbits)
-            output = node.outputs[0]
-            nbits.outputs[0].shape, nbits.outputs[0].type = output.shape, output.type
-            ir.convenience.replace_all_uses_with(output, nbits.outputs[0], replace_graph_outputs=True)  # logits too
-            name = output.name
-            graph.remove(node, safe=True)
-            nbits.outputs[0].name = name
+            replace_node(graph, node, nbits, module)
             (self.exact_2bit if bits == 2 else self.quantized).append(module)
         self._tie_embedding(graph, by_source)
         if by_source:

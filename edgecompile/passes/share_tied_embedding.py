@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecompile.passes.provenance import module_of, set_module
+from edgecompile.passes.provenance import module_of
+from edgecompile.passes.tensors import replace_node
 
 MS_DOMAIN = "com.microsoft"
 
@@ -41,16 +42,9 @@ class ShareTiedEmbedding(ir.passes.InPlacePass):
                 continue
             fused = ir.node("FusedMatMul", [node.inputs[0], table], attributes={"transA": 0, "transB": 1, "alpha": 1.0},
                             domain=MS_DOMAIN, name=f"{node.name}/FusedMatMul")
-            set_module(fused, module_of(node))
-            graph.insert_before(node, fused)
-            output = node.outputs[0]
-            fused.outputs[0].shape, fused.outputs[0].type = output.shape, output.type
-            ir.convenience.replace_all_uses_with(output, fused.outputs[0], replace_graph_outputs=True)  # the logits
-            name = output.name
-            graph.remove(node, safe=True)
-            fused.outputs[0].name = name
+            self.shared = module_of(node)
+            replace_node(graph, node, fused, self.shared)
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            self.shared = module_of(fused)
         return ir.passes.PassResult(model, modified=self.shared is not None)
 
 

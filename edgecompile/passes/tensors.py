@@ -1,4 +1,4 @@
-"""Copy-on-write helpers for constant inputs.
+"""Graph-edit helpers: copy-on-write constant inputs, and one node standing in for another.
 
 Exported initializers can be shared (the exporter deduplicates equal tensors, and every cluster
 graph is a clone sharing tensors with the dense export), so a rewrite never edits a tensor in
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
+from edgecompile.passes.provenance import set_module
 
 
 def unique_initializer_name(graph: ir.Graph, hint: str) -> str:
@@ -32,3 +34,16 @@ def replace_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np
     value = new_initializer(graph, array, name_hint)
     node.replace_input_with(index, value)
     return value
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, replacement: ir.Node, module: str) -> None:
+    """`replacement` computes what `node`'s one output did: inserted before it with `module`'s provenance, every use
+    moved to it (a graph output too, e.g. the logits, keeping its name), `node` removed."""
+    set_module(replacement, module)
+    graph.insert_before(node, replacement)
+    output, new = node.outputs[0], replacement.outputs[0]
+    new.shape, new.type = output.shape, output.type
+    ir.convenience.replace_all_uses_with(output, new, replace_graph_outputs=True)
+    name = output.name
+    graph.remove(node, safe=True)
+    new.name = name

@@ -102,7 +102,7 @@ def write_genai_mtp_folders(decoder_dir: Path, out: Path, graph: str = "dense") 
             or not all(name in initializers for name in lm_head.input[1:] if name):
         raise ValueError(f"{decoder_dir / graph}.onnx: logits: expected a MatMul, FusedMatMul or MatMulNBits over initializers, "
                          f"found {lm_head.op_type if lm_head is not None else 'no node'}")
-    weights = [name for name in lm_head.input[1:]]  # optional inputs keep their place ("" where absent)
+    weights = list(lm_head.input[1:])  # optional inputs keep their place ("" where absent)
     unembedding = helper.make_node(lm_head.op_type, ["normed", *weights], ["logits"], domain=lm_head.domain or None)
     unembedding.attribute.extend(copy.deepcopy(lm_head.attribute))
     epsilon = next(a.f for n in g.node if n.name.startswith("/model/norm/") for a in n.attribute if a.name == "epsilon")
